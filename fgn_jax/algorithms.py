@@ -1,0 +1,272 @@
+"""FedRep and FedGradNorm rounds for a population of personalised clients.
+
+* FedRep: Collins, Hassani, Mokhtari, Shakkottai, "Exploiting Shared
+  Representations for Personalized Federated Learning", ICML 2021.
+* FedGradNorm: Mortaheb, Vahapoglu, Ulukus, "FedGradNorm: Personalized
+  Federated Gradient-Normalized Multi-Task Learning", IEEE SPAWC 2022.
+
+One round (DESIGN.md section 2), for every client c at once:
+
+1. broadcast the trunk ``theta`` and task weights ``p``;
+2. head phase: ``tau_head`` optimiser steps on the head, trunk frozen;
+3. measure, on a fresh minibatch: ``L_c`` and ``g_c = ||dL_c/dW||`` (W: kernel
+   of the last shared layer; unweighted loss);
+4. shared phase: ``tau_shared`` steps on a copy of the trunk, head frozen,
+   ``delta_c = theta_c - theta``;
+5. server: ``delta = sum_c m_c p_k(c) delta_c / sum_c m_c`` through the server
+   optimiser (m_c: 1 for real clients, 0 for padding);
+6. FedGradNorm only: one GradNorm step on ``p`` from per-task means of ``L``
+   and ``g``; FedRep keeps ``p = 1``.
+
+Choices made where the paper text was not available (all documented in the
+README): head phase -> measure -> shared phase; the task weight applied at the
+server to the client update (a weight inside the client loss would be undone
+by Adam's scale invariance); ``L_k(0)`` is the round-0 loss; plain gradient
+descent on ``p``; minibatches drawn with replacement from the client's range;
+each client's optimiser state for the head persists across rounds, the one for
+its trunk copy starts fresh every round.
+
+The client code below is written for ONE client; :mod:`fgn_jax.simulate`
+vmaps (or loops) it over the client axis in exactly one place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, NamedTuple
+
+from flax import struct
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from fgn_jax import gradnorm as gradnorm_lib
+from fgn_jax import models, optimizers
+from fgn_jax import tasks as tasks_lib
+from fgn_jax.types import Params, PRNGKey
+
+ALGORITHMS = ("fedgradnorm", "fedrep")
+
+
+@struct.dataclass
+class HParams:
+    """Float hyperparameters: pytree leaves, so a sweep can vmap over them."""
+
+    client_lr: jax.Array
+    server_lr: jax.Array
+    alpha: jax.Array
+    weight_lr: jax.Array
+
+    @classmethod
+    def create(cls, client_lr, server_lr, alpha, weight_lr) -> "HParams":
+        f = lambda v: jnp.asarray(v, jnp.float32)  # noqa: E731
+        return cls(f(client_lr), f(server_lr), f(alpha), f(weight_lr))
+
+
+@dataclasses.dataclass(frozen=True)
+class AlgorithmConfig:
+    """Static settings: they fix shapes and the program, not numbers."""
+
+    algorithm: str = "fedgradnorm"
+    trunk: str = "mtfl"
+    conv_impl: str = "im2col"
+    max_outputs: int = 10
+    num_tasks: int = 5
+    tau_head: int = 1
+    tau_shared: int = 1
+    batch_size: int = 32
+    client_optimizer: str = "sgd"
+    server_optimizer: str = "sgd"
+    weight_eps: float = 1e-3
+
+    def __post_init__(self):
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"unknown algorithm {self.algorithm!r}; choose one of {ALGORITHMS}")
+
+
+@struct.dataclass
+class ClientInfo:
+    """What the round needs to know about each client (stacked: ``[C]``)."""
+
+    client_id: jax.Array  # int32, stable id used to derive the client's RNG
+    task_index: jax.Array  # int32 in [0, T)
+    task: tasks_lib.TaskArrays
+    train_offset: jax.Array  # int32
+    train_size: jax.Array  # int32
+    test_offset: jax.Array  # int32
+    test_size: jax.Array  # int32
+    mask: jax.Array  # float32, 1 for a real client, 0 for padding
+
+
+@struct.dataclass
+class DeviceData:
+    """All clients' examples, one flat array per field (not per client)."""
+
+    train_x: jax.Array  # [N_train, ...]
+    train_y: jax.Array  # [N_train, target_width]
+    test_x: jax.Array  # [N_test, ...]
+    test_y: jax.Array  # [N_test, target_width]
+
+
+@struct.dataclass
+class ClientState:
+    head: Params  # [C, ...] when stacked
+    head_opt_state: optax.OptState  # [C, ...] when stacked
+
+
+@struct.dataclass
+class ServerState:
+    trunk: Params
+    opt_state: optax.OptState
+    gradnorm: gradnorm_lib.GradNormState
+    round: jax.Array  # [] int32, rounds completed
+
+
+class ClientOutput(NamedTuple):
+    delta: Params  # theta_c - theta
+    loss: jax.Array  # [] L_c measured in step 3
+    grad_norm: jax.Array  # [] g_c
+
+
+class FederatedAlgorithm(NamedTuple):
+    """Pure functions of one algorithm (fedjax style).
+
+    ``init_server(key)``, ``init_client(key)`` build fresh states;
+    ``client_update(trunk, client_state, info, data, key)`` is one client's
+    round (unbatched); ``server_update(server_state, outputs, infos)`` takes
+    the client outputs stacked on a leading axis and returns the new server
+    state and the round's metrics.
+    """
+
+    init_server: Callable
+    init_client: Callable
+    client_update: Callable
+    server_update: Callable
+    trunk_model: nn.Module
+    head_model: nn.Module
+
+
+def _sample(key: PRNGKey, x, y, offset, size, batch_size):
+    idx = offset + jax.random.randint(key, (batch_size,), 0, jnp.maximum(size, 1))
+    return x[idx], y[idx]
+
+
+def build(config: AlgorithmConfig, hparams: HParams, input_shape: tuple[int, ...]) -> FederatedAlgorithm:
+    """Builds the algorithm's pure functions.
+
+    Args:
+      config: static settings.
+      hparams: float hyperparameters (may be tracers inside a vmapped sweep).
+      input_shape: shape of one example, e.g. ``(40, 40, 1)``.
+    """
+    trunk_model = models.TRUNKS[config.trunk](conv_impl=config.conv_impl)
+    head_model = models.Head(config.max_outputs)
+    client_tx = optimizers.make(config.client_optimizer, hparams.client_lr)
+    server_tx = optimizers.make(config.server_optimizer, hparams.server_lr)
+    # FedRep keeps p = 1: no weight step at all (equivalently, weight_lr = 0).
+    weight_lr = hparams.weight_lr if config.algorithm == "fedgradnorm" else 0.0
+    gradnorm_tx = gradnorm_lib.gradnorm(hparams.alpha, weight_lr, eps=config.weight_eps)
+
+    def features(trunk, x):
+        return trunk_model.apply(trunk, x)
+
+    def loss_from_features(head, feats, y, task):
+        return jnp.mean(tasks_lib.per_example_loss(head_model.apply(head, feats), y, task))
+
+    def init_server(key: PRNGKey) -> ServerState:
+        trunk = trunk_model.init(key, jnp.zeros((1, *input_shape), jnp.float32))
+        return ServerState(
+            trunk=trunk,
+            opt_state=server_tx.init(trunk),
+            gradnorm=gradnorm_tx.init(config.num_tasks),
+            round=jnp.zeros((), jnp.int32),
+        )
+
+    def init_client(key: PRNGKey) -> ClientState:
+        feature_dim = trunk_model.features
+        head = head_model.init(key, jnp.zeros((1, feature_dim), jnp.float32))
+        return ClientState(head=head, head_opt_state=client_tx.init(head))
+
+    def client_update(trunk, client: ClientState, info: ClientInfo, data: DeviceData, key: PRNGKey):
+        k_head, k_measure, k_shared = jax.random.split(key, 3)
+
+        def sample(k):
+            return _sample(k, data.train_x, data.train_y, info.train_offset, info.train_size, config.batch_size)
+
+        # 2. Head phase: the trunk is the broadcast theta for every client, so
+        # its forward pass runs with shared weights (one big matmul under vmap).
+        def head_step(carry, k):
+            head, opt_state = carry
+            x, y = sample(k)
+            feats = features(trunk, x)
+            grads = jax.grad(loss_from_features)(head, feats, y, info.task)
+            updates, opt_state = client_tx.update(grads, opt_state, head)
+            return (optax.apply_updates(head, updates), opt_state), None
+
+        (head, head_opt_state), _ = jax.lax.scan(
+            head_step, (client.head, client.head_opt_state), jax.random.split(k_head, config.tau_head)
+        )
+
+        # 3. Measure L_c and ||dL_c/dW||, differentiating in W only.
+        x, y = sample(k_measure)
+
+        def loss_of_w(w):
+            feats = features(models.set_last_shared_kernel(trunk, w), x)
+            return loss_from_features(head, feats, y, info.task)
+
+        loss, grad_w = jax.value_and_grad(loss_of_w)(models.get_last_shared_kernel(trunk))
+        grad_norm = jnp.sqrt(jnp.sum(grad_w**2))
+
+        # 4. Shared phase on this client's own copy of the trunk.
+        def shared_step(carry, k):
+            local, opt_state = carry
+            x, y = sample(k)
+            grads = jax.grad(lambda t: loss_from_features(head, features(t, x), y, info.task))(local)
+            updates, opt_state = client_tx.update(grads, opt_state, local)
+            return (optax.apply_updates(local, updates), opt_state), None
+
+        (local, _), _ = jax.lax.scan(
+            shared_step, (trunk, client_tx.init(trunk)), jax.random.split(k_shared, config.tau_shared)
+        )
+        delta = jax.tree.map(jnp.subtract, local, trunk)
+        return ClientState(head, head_opt_state), ClientOutput(delta, loss, grad_norm)
+
+    def server_update(server: ServerState, outputs: ClientOutput, infos: ClientInfo):
+        weights = server.gradnorm.task_weights
+        # [C, T] membership of each (real) client in each task.
+        member = jax.nn.one_hot(infos.task_index, config.num_tasks) * infos.mask[:, None]
+        client_weight = infos.mask * weights[infos.task_index]
+        num_real = jnp.sum(infos.mask)
+        # 5. Weighted aggregation; the server optimiser gets -delta as a gradient.
+        delta = jax.tree.map(lambda d: jnp.tensordot(client_weight, d, axes=1) / num_real, outputs.delta)
+        neg = jax.tree.map(jnp.negative, delta)
+        updates, opt_state = server_tx.update(neg, server.opt_state, server.trunk)
+        trunk = optax.apply_updates(server.trunk, updates)
+        # 6. Per-task means over each task's clients, then the GradNorm step.
+        count = jnp.maximum(jnp.sum(member, axis=0), 1.0)
+        task_loss = member.T @ outputs.loss / count
+        task_grad_norm = member.T @ outputs.grad_norm / count
+        _, gn_state = gradnorm_tx.update(task_loss, task_grad_norm, server.gradnorm)
+        metrics = {"task_loss": task_loss, "grad_norm": task_grad_norm, "task_weight": weights}
+        new_server = ServerState(trunk=trunk, opt_state=opt_state, gradnorm=gn_state, round=server.round + 1)
+        return new_server, metrics
+
+    return FederatedAlgorithm(init_server, init_client, client_update, server_update, trunk_model, head_model)
+
+
+def evaluate_client(alg: FederatedAlgorithm, trunk, head, info: ClientInfo, data: DeviceData, max_size: int):
+    """Held-out loss and metric of one client over its whole test range.
+
+    ``max_size`` (static) is the largest client test size; shorter clients are
+    masked. Returns ``(loss, metric)`` scalars.
+    """
+    idx = info.test_offset + jnp.arange(max_size)
+    valid = (jnp.arange(max_size) < info.test_size).astype(jnp.float32)
+    idx = jnp.where(valid > 0, idx, info.test_offset)
+    x, y = data.test_x[idx], data.test_y[idx]
+    out = alg.head_model.apply(head, alg.trunk_model.apply(trunk, x))
+    n = jnp.maximum(jnp.sum(valid), 1.0)
+    loss = jnp.sum(valid * tasks_lib.per_example_loss(out, y, info.task)) / n
+    metric = jnp.sum(valid * tasks_lib.per_example_metric(out, y, info.task)) / n
+    return loss, metric

@@ -1,0 +1,1 @@
+"""Datasets: synthetic generators, real loaders and federated partitioning."""

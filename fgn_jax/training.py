@@ -1,0 +1,334 @@
+"""Train-and-evaluate loop behind ``experiments/train.py``.
+
+The entry point parses flags into an :class:`ExperimentConfig` and calls
+:func:`train_and_evaluate`, which writes to the work directory:
+
+* ``config.json``: every setting, the task names in order, the package version;
+* ``metrics.jsonl``: one JSON object per round: ``round``, and per task (lists
+  in task order) ``task_loss`` (L_k(t) measured in step 3 of the round),
+  ``grad_norm`` (g_k, unweighted) and ``task_weight`` (the weights p^t used in
+  that round's aggregation); rounds at the evaluation interval also carry
+  ``test_loss`` and ``test_metric`` (held-out, after the round);
+* ``summary.json``: the final metrics and the wall time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from typing import Callable, TextIO
+
+import jax
+import numpy as np
+
+import fgn_jax
+from fgn_jax import algorithms, optimizers, simulate
+from fgn_jax.data import loaders, partition, synthetic
+from fgn_jax.data import pool as pool_lib
+
+TRUNK_OF_DATASET = {"synthetic_mtfl": "mtfl", "synthetic_radcom": "radcom", "mtfl": "mtfl", "radcom_dynamic": "radcom"}
+DATASETS = tuple(TRUNK_OF_DATASET)
+
+
+class ConfigError(ValueError):
+    """A setting is invalid; the message names the flag and what is wrong."""
+
+
+# Errors caused by the user's flags or files: the entry point prints their
+# one-line message and exits with code 2 instead of showing a traceback.
+USER_ERRORS = (ConfigError, loaders.DataError)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    """Every setting of one run (flag names match the fields)."""
+
+    dataset: str = "synthetic_mtfl"
+    data_dir: str = ""
+    algorithm: str = "fedgradnorm"
+    rounds: int = 150
+    num_clients: int = 0  # 0: one client per task
+    client_tasks: str = ""  # explicit client->task map, e.g. "0,1,2,2"
+    examples_per_client: int = 600
+    test_examples_per_client: int = 200
+    imbalance: float = 0.0  # power-law exponent of client train sizes (0: balanced)
+    client_sizes: str = ""  # explicit train sizes, e.g. "500,200,100" (overrides imbalance)
+    dirichlet_beta: float = 0.0  # Dirichlet(beta) label skew of classification clients (0: IID)
+    overlap: str = "none"  # "across_tasks": clients of different tasks may share examples
+    tau_head: int = 2
+    tau_shared: int = 2
+    batch_size: int = 32
+    client_optimizer: str = "sgd"
+    client_lr: float = 0.05
+    server_optimizer: str = "sgd"
+    server_lr: float = 1.0
+    alpha: float = 1.5
+    weight_lr: float = 0.05
+    weight_eps: float = 1e-3
+    seed: int = 0
+    data_seed: int = 0
+    log_every: int = 10
+    eval_every: int = 50
+    client_execution: str = "vmap"
+    conv_impl: str = "im2col"
+
+    def validate(self) -> None:
+        """Raises ConfigError naming the first invalid flag."""
+
+        def bad(flag, msg):
+            raise ConfigError(f"--{flag}: {msg}")
+
+        if self.dataset not in DATASETS:
+            bad("dataset", f"unknown dataset {self.dataset!r}; choose one of {', '.join(DATASETS)}")
+        if self.dataset in ("mtfl", "radcom_dynamic") and not self.data_dir:
+            bad("data_dir", f"dataset {self.dataset!r} needs --data_dir (see README: real datasets)")
+        if self.algorithm not in algorithms.ALGORITHMS:
+            bad("algorithm", f"unknown algorithm {self.algorithm!r}; choose one of {', '.join(algorithms.ALGORITHMS)}")
+        for flag in (
+            "rounds",
+            "examples_per_client",
+            "test_examples_per_client",
+            "batch_size",
+            "log_every",
+            "eval_every",
+        ):
+            if getattr(self, flag) < 1:
+                bad(flag, f"must be at least 1, got {getattr(self, flag)}")
+        for flag in ("tau_head", "tau_shared"):
+            if getattr(self, flag) < 1:
+                bad(flag, f"must be at least 1, got {getattr(self, flag)}")
+        if self.num_clients < 0:
+            bad("num_clients", f"must be >= 0 (0 means one client per task), got {self.num_clients}")
+        for flag in ("client_optimizer", "server_optimizer"):
+            if getattr(self, flag) not in optimizers.OPTIMIZERS:
+                bad(
+                    flag, f"unknown optimizer {getattr(self, flag)!r}; choose one of {', '.join(optimizers.OPTIMIZERS)}"
+                )
+        for flag in ("client_lr", "server_lr"):
+            if not getattr(self, flag) > 0:
+                bad(flag, f"must be > 0, got {getattr(self, flag)}")
+        if not self.alpha >= 0:
+            bad("alpha", f"must be >= 0, got {self.alpha}")
+        if not self.weight_lr >= 0:
+            bad("weight_lr", f"must be >= 0, got {self.weight_lr}")
+        if not 0 < self.weight_eps < 1:
+            bad("weight_eps", f"must be in (0, 1), got {self.weight_eps}")
+        if not self.imbalance >= 0:
+            bad("imbalance", f"must be >= 0, got {self.imbalance}")
+        if not self.dirichlet_beta >= 0:
+            bad("dirichlet_beta", f"must be >= 0 (0 means IID), got {self.dirichlet_beta}")
+        if self.overlap not in partition.OVERLAPS:
+            bad("overlap", f"choose one of {', '.join(partition.OVERLAPS)}, got {self.overlap!r}")
+        if self.eval_every % self.log_every:
+            bad("eval_every", f"must be a multiple of --log_every={self.log_every}, got {self.eval_every}")
+        if self.client_execution not in simulate.CLIENT_EXECUTIONS:
+            bad("client_execution", f"choose one of {', '.join(simulate.CLIENT_EXECUTIONS)}")
+        if self.conv_impl not in ("im2col", "lax"):
+            bad("conv_impl", f"choose im2col or lax, got {self.conv_impl!r}")
+
+    def hparams(self) -> algorithms.HParams:
+        return algorithms.HParams.create(self.client_lr, self.server_lr, self.alpha, self.weight_lr)
+
+
+def _load_pools(config: ExperimentConfig, num_train: int, num_test: int):
+    if config.dataset in synthetic.POOLS:
+        make = synthetic.POOLS[config.dataset]
+        # Independent seeds for the train and test pools.
+        return make(num_train, config.data_seed * 2), make(num_test, config.data_seed * 2 + 1)
+    return loaders.load_pools(config.dataset, config.data_dir)
+
+
+def _task_table(config: ExperimentConfig):
+    if config.dataset in ("synthetic_mtfl", "mtfl"):
+        return synthetic.MTFL_TASKS
+    return synthetic.RADCOM_TASKS
+
+
+def client_task_map(config: ExperimentConfig) -> np.ndarray:
+    names = [t.name for t in _task_table(config)]
+    try:
+        if config.client_tasks:
+            return partition.parse_client_tasks(config.client_tasks, names)
+        return partition.round_robin_tasks(config.num_clients or len(names), len(names))
+    except ValueError as e:
+        flag = "client_tasks" if config.client_tasks else "num_clients"
+        raise ConfigError(f"--{flag}: {e}") from None
+
+
+def build_dataset(config: ExperimentConfig) -> pool_lib.FederatedDataset:
+    """Generates or loads the pools and partitions them over the clients.
+
+    Each client gets ``examples_per_client`` training examples on average
+    (``--imbalance`` or ``--client_sizes`` skew that) and
+    ``test_examples_per_client`` held-out ones. Real datasets cap the totals
+    at what the dataset has; with ``--overlap=across_tasks`` the cap applies
+    per task, so one client per task can use every image of MTFL.
+    """
+    client_task = client_task_map(config)
+    c = len(client_task)
+    train_sizes = None
+    if config.client_sizes:
+        try:
+            train_sizes = partition.parse_sizes(config.client_sizes, c)
+        except ValueError as e:
+            raise ConfigError(f"--client_sizes: {e}") from None
+    total_train = int(train_sizes.sum()) if train_sizes is not None else config.examples_per_client * c
+    total_test = config.test_examples_per_client * c
+    train_pool, test_pool = _load_pools(config, total_train, total_test)
+    # Clients that may share examples only compete with clients of their own task.
+    sharing = np.bincount(client_task).max() if config.overlap == partition.OVERLAP_ACROSS_TASKS else c
+    avail_train, avail_test = len(train_pool) * c // sharing, len(test_pool) * c // sharing
+    if total_train > avail_train and train_sizes is not None:
+        raise ConfigError(
+            f"--client_sizes: clients need {total_train} train examples, the dataset has {len(train_pool)}"
+        )
+    total_train, total_test = min(total_train, avail_train), min(total_test, avail_test)
+    if total_train < c or total_test < c:
+        raise ConfigError(
+            f"--num_clients: {c} clients need at least one example each, but the dataset has "
+            f"{len(train_pool)} train / {len(test_pool)} test examples"
+        )
+    if train_sizes is None:
+        try:
+            train_sizes = partition.power_law_sizes(total_train, c, config.imbalance)
+        except ValueError as e:
+            raise ConfigError(f"--imbalance: {e}") from None
+    test_sizes = partition.power_law_sizes(total_test, c, 0.0)
+    return partition.partition(
+        config.dataset,
+        train_pool,
+        test_pool,
+        client_task,
+        train_sizes,
+        test_sizes,
+        config.data_seed,
+        beta=config.dirichlet_beta or None,
+        overlap=config.overlap,
+    )
+
+
+def build_simulation(config: ExperimentConfig, dataset: pool_lib.FederatedDataset) -> simulate.Simulation:
+    alg_config = algorithms.AlgorithmConfig(
+        algorithm=config.algorithm,
+        trunk=TRUNK_OF_DATASET[config.dataset],
+        conv_impl=config.conv_impl,
+        max_outputs=max(t.num_outputs for t in dataset.tasks),
+        num_tasks=dataset.num_tasks,
+        tau_head=config.tau_head,
+        tau_shared=config.tau_shared,
+        batch_size=config.batch_size,
+        client_optimizer=config.client_optimizer,
+        server_optimizer=config.server_optimizer,
+        weight_eps=config.weight_eps,
+    )
+    return simulate.Simulation(
+        config=alg_config,
+        input_shape=tuple(dataset.train.x.shape[1:]),
+        max_test_size=int(dataset.test.size.max()),
+        chunk=config.log_every,
+        client_execution=config.client_execution,
+    )
+
+
+def _fmt(values) -> str:
+    return "[" + " ".join(f"{v:.3f}" for v in values) + "]"
+
+
+def train_and_evaluate(
+    config: ExperimentConfig,
+    workdir: str,
+    log: TextIO | None = sys.stdout,
+    on_chunk: Callable[[int], None] | None = None,
+) -> dict:
+    """Runs one experiment and writes its files to ``workdir``.
+
+    Args:
+      config: the settings (validated here).
+      workdir: output directory (created if needed).
+      log: where progress lines go (None: silent).
+      on_chunk: called with the number of rounds done after each chunk.
+
+    Returns:
+      The summary dict (also written to ``summary.json``).
+    """
+    config.validate()
+    start = time.time()
+    dataset = build_dataset(config)
+    sim = build_simulation(config, dataset)
+    env = simulate.make_env(dataset)
+    hparams = config.hparams()
+    state = sim.init(jax.random.key(config.seed), env, hparams)
+
+    os.makedirs(workdir, exist_ok=True)
+    task_names = dataset.task_names
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump(
+            {
+                **dataclasses.asdict(config),
+                "task_names": task_names,
+                "client_task": [int(k) for k in dataset.client_task],
+                "train_sizes": [int(s) for s in dataset.train.size],
+                "test_sizes": [int(s) for s in dataset.test.size],
+                "version": fgn_jax.__version__,
+                "jax_version": jax.__version__,
+                "devices": [str(d) for d in jax.devices()],
+            },
+            f,
+            indent=2,
+        )
+
+    def say(msg):
+        if log is not None:
+            print(msg, file=log, flush=True)
+
+    say(f"{config.algorithm} on {config.dataset}: {dataset.num_clients} clients, tasks {', '.join(task_names)}")
+    say(partition.client_table(dataset))
+
+    rows: list[dict] = []
+    last_eval: dict = {}
+    compile_s = None
+    loop_start = time.time()
+    done = 0
+    with open(os.path.join(workdir, "metrics.jsonl"), "w") as metrics_file:
+        while done < config.rounds:
+            t0 = time.time()
+            state, chunk_metrics = sim.run_chunk(state, env, hparams, config.rounds)
+            chunk_rows = simulate.metrics_rows(chunk_metrics)
+            done = int(state.server.round)
+            if compile_s is None:
+                compile_s = time.time() - t0
+            if done % config.eval_every == 0 or done == config.rounds:
+                ev = jax.device_get(sim.evaluate(state, env, hparams))
+                last_eval = {k: [float(v) for v in ev[k]] for k in ev}
+                chunk_rows[-1].update(last_eval)
+            for row in chunk_rows:
+                metrics_file.write(json.dumps(row) + "\n")
+            metrics_file.flush()
+            rows.extend(chunk_rows)
+            rate = done / max(time.time() - loop_start, 1e-9)
+            last = chunk_rows[-1]
+            msg = f"round {done}/{config.rounds} ({rate:.2f} rounds/s) loss {_fmt(last['task_loss'])}"
+            msg += f" weights {_fmt(last['task_weight'])}"
+            if "test_metric" in last:
+                msg += f" test metric {_fmt(last['test_metric'])}"
+            say(msg)
+            if on_chunk is not None:
+                on_chunk(done)
+
+    summary = {
+        "rounds": done,
+        "task_names": task_names,
+        "final_task_loss": rows[-1]["task_loss"],
+        "final_task_weight": [float(v) for v in jax.device_get(state.server.gradnorm.task_weights)],
+        **{f"final_{k}": v for k, v in last_eval.items()},
+        "first_task_loss": rows[0]["task_loss"],
+        "wall_time_s": time.time() - start,
+        "first_chunk_s": compile_s,
+    }
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    say(f"done in {summary['wall_time_s']:.1f} s; summary in {os.path.join(workdir, 'summary.json')}")
+    return summary

@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny populations that compile and run in seconds."""
+
+import dataclasses
+
+import jax
+import pytest
+
+from fgn_jax import simulate, training
+
+TINY = dict(
+    dataset="synthetic_radcom",
+    rounds=4,
+    examples_per_client=48,
+    test_examples_per_client=16,
+    batch_size=8,
+    tau_head=2,
+    tau_shared=2,
+    log_every=2,
+    eval_every=2,
+    client_lr=0.05,
+)
+
+
+def tiny_config(**overrides) -> training.ExperimentConfig:
+    return dataclasses.replace(training.ExperimentConfig(**TINY), **overrides)
+
+
+@dataclasses.dataclass
+class Setup:
+    config: training.ExperimentConfig
+    dataset: object
+    sim: simulate.Simulation
+    env: simulate.Env
+    hparams: object
+
+    def init(self, seed=None):
+        seed = self.config.seed if seed is None else seed
+        return self.sim.init(jax.random.key(seed), self.env, self.hparams)
+
+
+def make_setup(**overrides) -> Setup:
+    config = tiny_config(**overrides)
+    config.validate()
+    dataset = training.build_dataset(config)
+    sim = training.build_simulation(config, dataset)
+    return Setup(config, dataset, sim, simulate.make_env(dataset), config.hparams())
+
+
+@pytest.fixture
+def tiny_setup():
+    return make_setup
