@@ -15,7 +15,8 @@ from absl import app, flags
 from fgn_jax import training
 
 _D = training.ExperimentConfig()
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory; re-running on it resumes the run.", required=True)
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a run with a different configuration in --workdir.")
 _FLAGS = {}
 for _field in dataclasses.fields(training.ExperimentConfig):
     _default = getattr(_D, _field.name)
@@ -30,10 +31,16 @@ def main(argv):
         sys.exit(f"unexpected arguments: {' '.join(argv[1:])}")
     config = training.ExperimentConfig(**{name: holder.value for name, holder in _FLAGS.items()})
     try:
-        training.train_and_evaluate(config, _WORKDIR.value)
+        training.train_and_evaluate(config, _WORKDIR.value, overwrite=_OVERWRITE.value)
     except training.USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except training.Diverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)
+    except training.Interrupted as e:
+        print(str(e), file=sys.stderr)
+        sys.exit(128 + e.signum)
 
 
 if __name__ == "__main__":

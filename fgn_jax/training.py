@@ -15,9 +15,11 @@ The entry point parses flags into an :class:`ExperimentConfig` and calls
 from __future__ import annotations
 
 import dataclasses
-import json
+import math
 import os
+import signal
 import sys
+import threading
 import time
 from typing import Callable, TextIO
 
@@ -25,7 +27,8 @@ import jax
 import numpy as np
 
 import fgn_jax
-from fgn_jax import algorithms, optimizers, simulate
+from fgn_jax import algorithms, checkpoint, optimizers, simulate
+from fgn_jax import workdir as workdir_lib
 from fgn_jax.data import loaders, partition, synthetic
 from fgn_jax.data import pool as pool_lib
 
@@ -39,7 +42,7 @@ class ConfigError(ValueError):
 
 # Errors caused by the user's flags or files: the entry point prints their
 # one-line message and exits with code 2 instead of showing a traceback.
-USER_ERRORS = (ConfigError, loaders.DataError)
+USER_ERRORS = (ConfigError, loaders.DataError, workdir_lib.WorkdirError)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +75,8 @@ class ExperimentConfig:
     data_seed: int = 0
     log_every: int = 10
     eval_every: int = 50
+    checkpoint_every: int = 50  # rounds between checkpoints (a multiple of log_every)
+    keep_checkpoints: int = 3
     client_execution: str = "vmap"
     conv_impl: str = "im2col"
 
@@ -122,6 +127,13 @@ class ExperimentConfig:
             bad("dirichlet_beta", f"must be >= 0 (0 means IID), got {self.dirichlet_beta}")
         if self.overlap not in partition.OVERLAPS:
             bad("overlap", f"choose one of {', '.join(partition.OVERLAPS)}, got {self.overlap!r}")
+        if self.checkpoint_every < 1 or self.checkpoint_every % self.log_every:
+            bad(
+                "checkpoint_every",
+                f"must be a positive multiple of --log_every={self.log_every}, got {self.checkpoint_every}",
+            )
+        if self.keep_checkpoints < 1:
+            bad("keep_checkpoints", f"must be at least 1, got {self.keep_checkpoints}")
         if self.eval_every % self.log_every:
             bad("eval_every", f"must be a multiple of --log_every={self.log_every}, got {self.eval_every}")
         if self.client_execution not in simulate.CLIENT_EXECUTIONS:
@@ -237,22 +249,80 @@ def _fmt(values) -> str:
     return "[" + " ".join(f"{v:.3f}" for v in values) + "]"
 
 
+class Diverged(RuntimeError):
+    """A loss, gradient norm or task weight became NaN or Inf."""
+
+
+class Interrupted(RuntimeError):
+    """SIGINT/SIGTERM arrived; the run stopped after checkpointing."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
+def first_nonfinite(rows: list[dict], task_names: list[str]) -> str | None:
+    """Describes the first NaN/Inf in the rows (round, task, quantity), if any."""
+    for row in rows:
+        for quantity in ("task_loss", "grad_norm", "task_weight"):
+            for name, value in zip(task_names, row[quantity]):
+                if not math.isfinite(value):
+                    return f"round {row['round']}: {quantity} of task {name!r} is {value}"
+    return None
+
+
+class _StopRequest:
+    """Turns SIGINT/SIGTERM into a request to stop after the current chunk."""
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # a second signal: stop now
+            signal.default_int_handler(signum, frame)
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
 def train_and_evaluate(
     config: ExperimentConfig,
     workdir: str,
     log: TextIO | None = sys.stdout,
-    on_chunk: Callable[[int], None] | None = None,
+    overwrite: bool = False,
+    on_event: Callable[[str, int], None] | None = None,
 ) -> dict:
-    """Runs one experiment and writes its files to ``workdir``.
+    """Runs one experiment, or resumes it, and writes its files to ``workdir``.
+
+    Re-running the same command on the same ``workdir`` continues from the
+    latest checkpoint; the resulting ``metrics.jsonl`` is identical to that of
+    an uninterrupted run. A workdir holding a run with other settings is
+    refused unless ``overwrite``.
 
     Args:
       config: the settings (validated here).
       workdir: output directory (created if needed).
       log: where progress lines go (None: silent).
-      on_chunk: called with the number of rounds done after each chunk.
+      overwrite: replace a different run in ``workdir``.
+      on_event: test hook, called as ``on_event(name, rounds_done)`` after
+        ``"metrics"`` are written and after a ``"checkpoint"`` is saved.
 
     Returns:
       The summary dict (also written to ``summary.json``).
+
+    Raises:
+      ConfigError, loaders.DataError, workdir_lib.WorkdirError: bad input.
+      Diverged: a NaN/Inf appeared (the last good checkpoint is kept).
+      Interrupted: SIGINT/SIGTERM; the state was checkpointed first.
     """
     config.validate()
     start = time.time()
@@ -262,13 +332,15 @@ def train_and_evaluate(
     hparams = config.hparams()
     state = sim.init(jax.random.key(config.seed), env, hparams)
 
-    os.makedirs(workdir, exist_ok=True)
     task_names = dataset.task_names
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        json.dump(
+    settings = {**dataclasses.asdict(config), "task_names": task_names}
+    is_writer = jax.process_index() == 0
+    resuming = workdir_lib.prepare(workdir, settings, overwrite) if is_writer else False
+    if is_writer and not resuming:
+        workdir_lib.write_json_atomic(
+            os.path.join(workdir, workdir_lib.CONFIG),
             {
-                **dataclasses.asdict(config),
-                "task_names": task_names,
+                **settings,
                 "client_task": [int(k) for k in dataset.client_task],
                 "train_sizes": [int(s) for s in dataset.train.size],
                 "test_sizes": [int(s) for s in dataset.test.size],
@@ -276,59 +348,91 @@ def train_and_evaluate(
                 "jax_version": jax.__version__,
                 "devices": [str(d) for d in jax.devices()],
             },
-            f,
-            indent=2,
         )
 
     def say(msg):
-        if log is not None:
+        if log is not None and is_writer:
             print(msg, file=log, flush=True)
+
+    def event(name, done):
+        if on_event is not None:
+            on_event(name, done)
 
     say(f"{config.algorithm} on {config.dataset}: {dataset.num_clients} clients, tasks {', '.join(task_names)}")
     say(partition.client_table(dataset))
 
-    rows: list[dict] = []
-    last_eval: dict = {}
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, workdir_lib.CHECKPOINTS), keep=config.keep_checkpoints)
+    restored = ckpt.restore_latest(state, say) if resuming else None
+    if restored is not None:
+        state, done = restored
+        say(f"resuming from the checkpoint at round {done}")
+    else:
+        done = 0
+    rows = workdir_lib.reset_metrics(workdir, done) if is_writer else []
+    checkpoint_s = []
     compile_s = None
-    loop_start = time.time()
-    done = 0
-    with open(os.path.join(workdir, "metrics.jsonl"), "w") as metrics_file:
+    loop_start, loop_start_round = time.time(), done
+    with _StopRequest() as stop:
         while done < config.rounds:
             t0 = time.time()
             state, chunk_metrics = sim.run_chunk(state, env, hparams, config.rounds)
             chunk_rows = simulate.metrics_rows(chunk_metrics)
-            done = int(state.server.round)
             if compile_s is None:
                 compile_s = time.time() - t0
+            problem = first_nonfinite(chunk_rows, task_names)
+            if problem is not None:
+                good = [r for r in chunk_rows if r["round"] < int(problem.split(":")[0].split()[1])]
+                if is_writer:
+                    workdir_lib.append_metrics(workdir, good)
+                last_good = max(ckpt.steps(), default=None)
+                kept = (
+                    "no checkpoint was saved yet"
+                    if last_good is None
+                    else (f"the last good checkpoint (round {last_good}) is kept in {ckpt.directory}")
+                )
+                ckpt.close()
+                raise Diverged(f"diverged at {problem}; {kept}")
+            done = int(state.server.round)
             if done % config.eval_every == 0 or done == config.rounds:
                 ev = jax.device_get(sim.evaluate(state, env, hparams))
-                last_eval = {k: [float(v) for v in ev[k]] for k in ev}
-                chunk_rows[-1].update(last_eval)
-            for row in chunk_rows:
-                metrics_file.write(json.dumps(row) + "\n")
-            metrics_file.flush()
+                chunk_rows[-1].update({k: [float(v) for v in ev[k]] for k in ev})
+            if is_writer:
+                workdir_lib.append_metrics(workdir, chunk_rows)
             rows.extend(chunk_rows)
-            rate = done / max(time.time() - loop_start, 1e-9)
+            event("metrics", done)
+            if done % config.checkpoint_every == 0 or done == config.rounds or stop.signum is not None:
+                checkpoint_s.append(ckpt.save(done, state))
+                event("checkpoint", done)
+            rate = (done - loop_start_round) / max(time.time() - loop_start, 1e-9)
             last = chunk_rows[-1]
             msg = f"round {done}/{config.rounds} ({rate:.2f} rounds/s) loss {_fmt(last['task_loss'])}"
             msg += f" weights {_fmt(last['task_weight'])}"
             if "test_metric" in last:
                 msg += f" test metric {_fmt(last['test_metric'])}"
             say(msg)
-            if on_chunk is not None:
-                on_chunk(done)
+            if stop.signum is not None and done < config.rounds:
+                ckpt.close()
+                raise Interrupted(
+                    f"stopped by signal {stop.signum} after round {done}; checkpoint saved, "
+                    "re-run the same command to resume",
+                    stop.signum,
+                )
+    ckpt.close()
 
+    evals = [r for r in rows if "test_metric" in r]
     summary = {
         "rounds": done,
         "task_names": task_names,
-        "final_task_loss": rows[-1]["task_loss"],
+        "final_task_loss": rows[-1]["task_loss"] if rows else None,
         "final_task_weight": [float(v) for v in jax.device_get(state.server.gradnorm.task_weights)],
-        **{f"final_{k}": v for k, v in last_eval.items()},
-        "first_task_loss": rows[0]["task_loss"],
+        **({"final_test_loss": evals[-1]["test_loss"], "final_test_metric": evals[-1]["test_metric"]} if evals else {}),
+        "first_task_loss": rows[0]["task_loss"] if rows else None,
         "wall_time_s": time.time() - start,
         "first_chunk_s": compile_s,
+        "checkpoint_s": max(checkpoint_s) if checkpoint_s else None,
+        "resumed_from_round": restored[1] if restored is not None else None,
     }
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    say(f"done in {summary['wall_time_s']:.1f} s; summary in {os.path.join(workdir, 'summary.json')}")
+    if is_writer:
+        workdir_lib.write_json_atomic(os.path.join(workdir, workdir_lib.SUMMARY), summary)
+    say(f"done in {summary['wall_time_s']:.1f} s; summary in {os.path.join(workdir, workdir_lib.SUMMARY)}")
     return summary

@@ -1,0 +1,125 @@
+"""The files of a run directory, written so that nothing is lost or half-trusted.
+
+* ``config.json`` is compared with the new run's settings before anything is
+  written: a directory that holds a different run is refused (the error names
+  the differing flags) unless the caller asks to overwrite it.
+* ``metrics.jsonl`` is appended chunk by chunk and fsynced *before* the
+  checkpoint of that chunk is saved, so on resume from round R every line of a
+  round < R is on disk; lines of rounds >= R (and a line torn by a kill) are
+  dropped and recomputed, which makes a resumed file identical to an
+  uninterrupted one.
+* Whole-file writes go to a temporary file that is renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Iterable, Mapping
+
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+CHECKPOINTS = "checkpoints"
+RUN_FILES = (CONFIG, METRICS, SUMMARY, CHECKPOINTS, "corrupt_checkpoints")
+
+# Settings that may change between a run and its resumption: they do not
+# change any number the run produces.
+RESUMABLE_CHANGES = frozenset({"rounds", "checkpoint_every", "keep_checkpoints"})
+
+
+class WorkdirError(ValueError):
+    """The work directory cannot be used as asked (one-line message)."""
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def prepare(workdir: str, settings: Mapping[str, Any], overwrite: bool) -> bool:
+    """Checks ``workdir`` against ``settings``; returns True if it holds this run.
+
+    Raises:
+      WorkdirError: the directory holds a run with other settings (or run
+        files without a config) and ``overwrite`` is False.
+    """
+    os.makedirs(workdir, exist_ok=True)
+    config_path = os.path.join(workdir, CONFIG)
+    present = [name for name in RUN_FILES if os.path.exists(os.path.join(workdir, name))]
+    if not present:
+        return False
+    if overwrite:
+        for name in present:
+            path = os.path.join(workdir, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        return False
+    if not os.path.exists(config_path):
+        raise WorkdirError(
+            f"--workdir={workdir} holds run files ({', '.join(present)}) but no {CONFIG}; "
+            "use --overwrite to replace them"
+        )
+    try:
+        with open(config_path) as f:
+            old = json.load(f)
+    except (OSError, ValueError) as e:
+        msg = f"--workdir={workdir}: cannot read {CONFIG} ({e}); use --overwrite to replace the run"
+        raise WorkdirError(msg) from None
+    diffs = [
+        f"--{k} ({old.get(k)!r} -> {v!r})"
+        for k, v in settings.items()
+        if k not in RESUMABLE_CHANGES and old.get(k) != v
+    ]
+    if diffs:
+        raise WorkdirError(
+            f"--workdir={workdir} holds a run with a different configuration: {', '.join(diffs)}; "
+            "use another --workdir or --overwrite"
+        )
+    return True
+
+
+def read_metrics(workdir: str, before_round: int | None = None) -> list[dict]:
+    """Complete metric rows (optionally only rounds < before_round)."""
+    path = os.path.join(workdir, METRICS)
+    rows = []
+    if not os.path.exists(path):
+        return rows
+    with open(path) as f:
+        for line in f:
+            if not line.endswith("\n"):
+                break  # torn by a kill mid-write
+            try:
+                row = json.loads(line)
+            except ValueError:
+                break
+            if before_round is not None and row["round"] >= before_round:
+                break
+            rows.append(row)
+    return rows
+
+
+def reset_metrics(workdir: str, before_round: int) -> list[dict]:
+    """Keeps only rows of rounds < before_round in metrics.jsonl (atomically)."""
+    rows = read_metrics(workdir, before_round)
+    path = os.path.join(workdir, METRICS)
+    fd, tmp = tempfile.mkstemp(dir=workdir, prefix=".tmp-")
+    with os.fdopen(fd, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return rows
+
+
+def append_metrics(workdir: str, rows: Iterable[dict]) -> None:
+    """Appends rows and makes them durable before returning."""
+    with open(os.path.join(workdir, METRICS), "a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+        f.flush()
+        os.fsync(f.fileno())
