@@ -15,6 +15,7 @@ The entry point parses flags into an :class:`ExperimentConfig` and calls
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import signal
@@ -50,7 +51,9 @@ class ExperimentConfig:
     """Every setting of one run (flag names match the fields)."""
 
     dataset: str = "synthetic_mtfl"
-    data_dir: str = ""
+    data_dir: str = ""  # real datasets: the raw files (README: real datasets)
+    build_dir: str = ""  # real datasets: where the TFDS build goes ("": $TFDS_DATA_DIR or ~/tensorflow_datasets)
+    anomaly_snr_db: int = 10  # RadCom: the derived anomaly task is SNR >= this (dB)
     algorithm: str = "fedgradnorm"
     rounds: int = 150
     num_clients: int = 0  # 0: one client per task
@@ -148,9 +151,12 @@ class ExperimentConfig:
 def _load_pools(config: ExperimentConfig, num_train: int, num_test: int):
     if config.dataset in synthetic.POOLS:
         make = synthetic.POOLS[config.dataset]
+        if config.dataset == "synthetic_radcom":
+            make = functools.partial(make, anomaly_snr_db=config.anomaly_snr_db)
         # Independent seeds for the train and test pools.
         return make(num_train, config.data_seed * 2), make(num_test, config.data_seed * 2 + 1)
-    return loaders.load_pools(config.dataset, config.data_dir)
+    options = {"anomaly_snr_db": config.anomaly_snr_db} if config.dataset == "radcom_dynamic" else {}
+    return loaders.load_pools(config.dataset, config.data_dir, build_dir=config.build_dir or None, **options)
 
 
 def _task_table(config: ExperimentConfig):

@@ -27,7 +27,7 @@ RUN_FILES = (CONFIG, METRICS, SUMMARY, CHECKPOINTS, "corrupt_checkpoints")
 
 # Settings that may change between a run and its resumption: they do not
 # change any number the run produces.
-RESUMABLE_CHANGES = frozenset({"rounds", "checkpoint_every", "keep_checkpoints"})
+RESUMABLE_CHANGES = frozenset({"rounds", "checkpoint_every", "keep_checkpoints", "build_dir"})
 
 
 class WorkdirError(ValueError):
