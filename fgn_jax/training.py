@@ -68,7 +68,7 @@ class ExperimentConfig:
     tau_shared: int = 2
     batch_size: int = 32
     client_optimizer: str = "sgd"
-    client_lr: float = 0.05
+    client_lr: float = 0.1
     server_optimizer: str = "sgd"
     server_lr: float = 1.0
     alpha: float = 1.5

@@ -1,5 +1,6 @@
 """End-to-end runs of the experiment and its flag validation."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -99,3 +100,20 @@ def test_cli_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "round 2/2" in proc.stdout
     assert len(read_jsonl(tmp_path / "metrics.jsonl")) == 2
+
+
+@pytest.mark.parametrize("flagfile", sorted(os.listdir(os.path.join(REPO, "experiments", "flags"))))
+def test_flagfiles_name_valid_settings(flagfile):
+    fields = {f.name: f for f in dataclasses.fields(training.ExperimentConfig)}
+    values = {}
+    with open(os.path.join(REPO, "experiments", "flags", flagfile)) as f:
+        for line in f:
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            name, value = line[2:].split("=", 1)
+            assert name in fields, f"{flagfile}: unknown flag --{name}"
+            default = getattr(training.ExperimentConfig(), name)
+            values[name] = type(default)(value)
+    config = training.ExperimentConfig(**{"data_dir": "/somewhere", **values})
+    config.validate()
