@@ -146,9 +146,7 @@ def load_flax_params(torch_module: nn.Module, flax_params: Mapping) -> nn.Module
             kernel = _flax_kernel_to_torch(np.asarray(tree[name]["kernel"]), layer)
             bias = np.asarray(tree[name]["bias"])
             if tuple(kernel.shape) != tuple(layer.weight.shape):
-                raise ValueError(
-                    f"{name}: flax kernel {kernel.shape} vs torch weight {tuple(layer.weight.shape)}"
-                )
+                raise ValueError(f"{name}: flax kernel {kernel.shape} vs torch weight {tuple(layer.weight.shape)}")
             layer.weight.copy_(torch.tensor(kernel, dtype=torch.float32))
             layer.bias.copy_(torch.tensor(bias, dtype=torch.float32))
     return torch_module
@@ -180,9 +178,7 @@ def measure(trunk: nn.Module, head: nn.Module, x: torch.Tensor, y: torch.Tensor)
     return loss.item(), grad_w.norm().item()
 
 
-def shared_phase(
-    global_trunk: nn.Module, head: nn.Module, batches: Iterable, lr: float
-) -> list[torch.Tensor]:
+def shared_phase(global_trunk: nn.Module, head: nn.Module, batches: Iterable, lr: float) -> list[torch.Tensor]:
     """SGD steps on a deep copy of the trunk, head frozen; returns ``delta_c = copy - global``."""
     local = copy.deepcopy(global_trunk)
     opt = torch.optim.SGD(local.parameters(), lr=lr)
@@ -263,9 +259,7 @@ def build_federation(
     """
     num_tasks = num_clients if num_tasks is None else num_tasks
     if not 1 <= num_tasks <= num_clients:
-        raise ValueError(
-            f"need 1 <= num_tasks <= num_clients, got {num_tasks} tasks for {num_clients} clients"
-        )
+        raise ValueError(f"need 1 <= num_tasks <= num_clients, got {num_tasks} tasks for {num_clients} clients")
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     trunk = build_trunk(kind)
@@ -292,13 +286,9 @@ def run_round(fed: Federation) -> dict:
     losses, grad_norms = torch.zeros(num_clients), torch.zeros(num_clients)
     update = [torch.zeros_like(p) for p in fed.trunk.parameters()]
     for c, client in enumerate(fed.clients):
-        head_phase(
-            fed.trunk, client.head, client.head_opt, (_minibatch(fed, client) for _ in range(fed.tau_head))
-        )
+        head_phase(fed.trunk, client.head, client.head_opt, (_minibatch(fed, client) for _ in range(fed.tau_head)))
         losses[c], grad_norms[c] = measure(fed.trunk, client.head, *_minibatch(fed, client))
-        deltas = shared_phase(
-            fed.trunk, client.head, (_minibatch(fed, client) for _ in range(fed.tau_shared)), fed.lr
-        )
+        deltas = shared_phase(fed.trunk, client.head, (_minibatch(fed, client) for _ in range(fed.tau_shared)), fed.lr)
         scale = fed.task_weights[client.task].item() / num_clients
         for u, d in zip(update, deltas, strict=True):
             u.add_(d, alpha=scale)

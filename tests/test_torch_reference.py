@@ -63,9 +63,7 @@ def _setup(kind, trunk_cls, shape, batch=3, seed=0):
 
 @pytest.mark.parametrize("kind,trunk_cls,shape", KINDS)
 def test_forward_matches_flax(kind, trunk_cls, shape):
-    x, _, flax_trunk, trunk_params, flax_head, head_params, torch_trunk, torch_head = _setup(
-        kind, trunk_cls, shape
-    )
+    x, _, flax_trunk, trunk_params, flax_head, head_params, torch_trunk, torch_head = _setup(kind, trunk_cls, shape)
     want_features = flax_trunk.apply(trunk_params, _to_flax_layout(x))
     want_logits = flax_head.apply(head_params, want_features)
     with torch.no_grad():
