@@ -5,31 +5,31 @@
 
 Writes config.json, metrics.jsonl and summary.json to --workdir (see
 fgn_jax/training.py). Invalid flags print one line and exit with code 2.
+
+Sharded and multi-host runs (docs/scaling.md):
+
+    python -m experiments.train --num_devices=8 --workdir=/tmp/fgn          # clients over 8 devices
+    python -m experiments.train --coordinator_address=10.0.0.1:1234 --num_processes=2 --process_id=0 ...
 """
 
-import dataclasses
 import sys
 
 from absl import app, flags
 
+from experiments import cli
 from fgn_jax import training
 
-_D = training.ExperimentConfig()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory; re-running on it resumes the run.", required=True)
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a run with a different configuration in --workdir.")
-_FLAGS = {}
-for _field in dataclasses.fields(training.ExperimentConfig):
-    _default = getattr(_D, _field.name)
-    _define = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer, float: flags.DEFINE_float}.get(
-        type(_default), flags.DEFINE_string
-    )
-    _FLAGS[_field.name] = _define(_field.name, _default, f"See fgn_jax.training.ExperimentConfig.{_field.name}.")
+_FLAGS = cli.define_config_flags()
+_DISTRIBUTED = cli.define_distributed_flags()
 
 
 def main(argv):
     if len(argv) > 1:
         sys.exit(f"unexpected arguments: {' '.join(argv[1:])}")
-    config = training.ExperimentConfig(**{name: holder.value for name, holder in _FLAGS.items()})
+    cli.maybe_initialize_distributed(_DISTRIBUTED)  # before anything touches the devices
+    config = cli.config_from_flags(_FLAGS)
     try:
         training.train_and_evaluate(config, _WORKDIR.value, overwrite=_OVERWRITE.value)
     except training.USER_ERRORS as e:

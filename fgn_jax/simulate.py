@@ -18,20 +18,30 @@ Two ways to execute the clients, same results:
 
 Randomness: round r of client c uses ``fold_in(fold_in(key, r), client_id)``,
 so results do not depend on how clients are batched, padded or sharded.
+
+Sharding (DESIGN.md section 3, :mod:`fgn_jax.sharding`): with a ``mesh``, the
+client axis is split over the mesh's ``"clients"`` axis and the server state
+is replicated; the state is created already sharded (``jit(init,
+out_shardings=...)``) and every program is jitted with explicit in/out
+shardings. :func:`programs` also gives the sweep versions of the programs:
+the same functions vmapped over a leading configuration axis ``[S]`` of the
+state and the hyperparameters (the environment is shared), so a whole sweep
+is one compiled program.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Any
+import functools
+from typing import Any, Callable, NamedTuple
 
 from flax import struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fgn_jax import algorithms
+from fgn_jax import algorithms, sharding
 from fgn_jax import tasks as tasks_lib
 from fgn_jax.data import pool as pool_lib
 from fgn_jax.types import PRNGKey
@@ -54,14 +64,23 @@ class Env:
     data: algorithms.DeviceData
 
 
-def make_env(dataset: pool_lib.FederatedDataset, num_clients: int | None = None) -> Env:
-    """Moves a federated dataset to the device.
+def make_env(
+    dataset: pool_lib.FederatedDataset, num_clients: int | None = None, mesh: jax.sharding.Mesh | None = None
+) -> Env:
+    """Moves a federated dataset to the device(s).
 
     Args:
       dataset: the partitioned dataset.
       num_clients: total client slots; extra slots beyond the dataset's
         clients are masked padding that changes nothing (used to make the
         client axis divisible by the device count).
+      mesh: if given, the client-axis leaves are sharded over it (each
+        process places only its own devices' shards) and the example arrays
+        are replicated; ``num_clients`` must then be a multiple of the
+        client-axis devices (see :meth:`Simulation.make_env`).
+
+    Returns:
+      The environment, every leaf a ``jax.Array``.
     """
     c_real = dataset.num_clients
     c = num_clients or c_real
@@ -74,23 +93,27 @@ def make_env(dataset: pool_lib.FederatedDataset, num_clients: int | None = None)
         return np.concatenate([a, np.full((pad,), fill, a.dtype)]) if pad else a
 
     client_task = padded(dataset.client_task)
+    # Host-side (numpy) first, so that a sharded placement transfers only
+    # each process's shards.
     info = algorithms.ClientInfo(
-        client_id=jnp.asarray(np.arange(c, dtype=np.int32)),
-        task_index=jnp.asarray(client_task),
-        task=tasks_lib.TaskArrays.for_clients(dataset.tasks, client_task),
-        train_offset=jnp.asarray(padded(dataset.train.offset)),
-        train_size=jnp.asarray(padded(dataset.train.size, 1)),
-        test_offset=jnp.asarray(padded(dataset.test.offset)),
-        test_size=jnp.asarray(padded(dataset.test.size, 1)),
-        mask=jnp.asarray(np.concatenate([np.ones(c_real, np.float32), np.zeros(pad, np.float32)])),
+        client_id=np.arange(c, dtype=np.int32),
+        task_index=client_task,
+        task=jax.tree.map(np.asarray, tasks_lib.TaskArrays.for_clients(dataset.tasks, client_task)),
+        train_offset=padded(dataset.train.offset),
+        train_size=padded(dataset.train.size, 1),
+        test_offset=padded(dataset.test.offset),
+        test_size=padded(dataset.test.size, 1),
+        mask=np.concatenate([np.ones(c_real, np.float32), np.zeros(pad, np.float32)]),
     )
     data = algorithms.DeviceData(
-        train_x=jnp.asarray(dataset.train.x),
-        train_y=jnp.asarray(dataset.train.y),
-        test_x=jnp.asarray(dataset.test.x),
-        test_y=jnp.asarray(dataset.test.y),
+        train_x=dataset.train.x, train_y=dataset.train.y, test_x=dataset.test.x, test_y=dataset.test.y
     )
-    return Env(info=info, data=data)
+    env = Env(info=info, data=data)
+    if mesh is None:
+        return jax.tree.map(jnp.asarray, env)
+    if c % sharding.axis_size(mesh, sharding.CLIENT_AXIS):
+        raise ValueError(f"{c} client slots do not split over the mesh {dict(mesh.shape)}; pad them")
+    return sharding.put(env, _env_shardings(mesh))
 
 
 def _client_keys(key: PRNGKey, round_index, client_ids) -> jax.Array:
@@ -117,7 +140,11 @@ class Simulation:
       max_test_size: largest client test size (static; pads the evaluation).
       chunk: rounds per compiled ``lax.scan`` chunk.
       client_execution: ``"vmap"`` or ``"loop"``.
-      eval_client_batch: clients evaluated at once (bounds evaluation memory).
+      eval_client_batch: clients evaluated at once per device (bounds
+        evaluation memory).
+      mesh: shards the client axis over its ``"clients"`` axis (see
+        :func:`fgn_jax.sharding.make_mesh`); None: default device placement.
+        Needs ``client_execution="vmap"``.
     """
 
     config: algorithms.AlgorithmConfig
@@ -126,10 +153,13 @@ class Simulation:
     chunk: int = 10
     client_execution: str = "vmap"
     eval_client_batch: int = 64
+    mesh: jax.sharding.Mesh | None = None  # hashable: the mesh is part of the static jit key
 
     def __post_init__(self):
         if self.client_execution not in CLIENT_EXECUTIONS:
             raise ValueError(f"client_execution must be one of {CLIENT_EXECUTIONS}")
+        if self.mesh is not None and self.client_execution != "vmap":
+            raise ValueError("a mesh needs client_execution='vmap'")
 
     @property
     def trace_count(self) -> int:
@@ -138,9 +168,16 @@ class Simulation:
     def algorithm(self, hparams: algorithms.HParams) -> algorithms.FederatedAlgorithm:
         return algorithms.build(self.config, hparams, self.input_shape)
 
+    def make_env(self, dataset: pool_lib.FederatedDataset) -> Env:
+        """The dataset on the device(s), padded with masked clients to split over the mesh."""
+        return make_env(dataset, sharding.padded_num_clients(dataset.num_clients, self.mesh), self.mesh)
+
     # ----------------------------------------------------------------- state
     def init(self, key: PRNGKey, env: Env, hparams: algorithms.HParams) -> SimState:
-        """Fresh state: trunk and heads initialised from ``key``."""
+        """Fresh state: trunk and heads initialised from ``key`` (sharded over the mesh)."""
+        return programs(self).init(key, env, hparams)
+
+    def _init(self, key: PRNGKey, env: Env, hparams: algorithms.HParams) -> SimState:
         alg = self.algorithm(hparams)
         k_trunk, k_heads, k_rounds = jax.random.split(key, 3)
         head_keys = jax.vmap(lambda i: jax.random.fold_in(k_heads, i))(env.info.client_id)
@@ -191,7 +228,7 @@ class Simulation:
         """
         if self.client_execution == "loop":
             return self._run_chunk_loop(state, env, hparams, stop_round)
-        return _jit_chunk(self, state, env, hparams, jnp.asarray(stop_round, jnp.int32))
+        return programs(self).run_chunk(state, env, hparams, jnp.asarray(stop_round, jnp.int32))
 
     # ------------------------------------------------------- loop execution
     def _one_client(self, trunk, client, info, data, key, hparams):
@@ -234,18 +271,83 @@ class Simulation:
             head, info = args
             return algorithms.evaluate_client(alg, state.server.trunk, head, info, env.data, self.max_test_size)
 
-        loss, metric = jax.lax.map(one, (state.clients.head, env.info), batch_size=self.eval_client_batch)
+        # lax.map is a sequential loop over clients; split the client axis
+        # into [devices, C / devices] first so each device loops over its own
+        # clients instead of the partitioner gathering them.
+        groups = sharding.axis_size(self.mesh, sharding.CLIENT_AXIS)
+        split = lambda a: a.reshape(groups, a.shape[0] // groups, *a.shape[1:])  # noqa: E731
+        per_group = lambda args: jax.lax.map(one, args, batch_size=self.eval_client_batch)  # noqa: E731
+        loss, metric = jax.vmap(per_group)(jax.tree.map(split, (state.clients.head, env.info)))
+        loss, metric = loss.reshape(-1), metric.reshape(-1)
         member = jax.nn.one_hot(env.info.task_index, self.config.num_tasks) * env.info.mask[:, None]
         count = jnp.maximum(jnp.sum(member, axis=0), 1.0)
         return {"test_loss": member.T @ loss / count, "test_metric": member.T @ metric / count}
 
     def evaluate(self, state: SimState, env: Env, hparams: algorithms.HParams):
         """Held-out per-task loss and metric (means over each task's clients)."""
-        return _jit_evaluate(self, state, env, hparams)
+        return programs(self).evaluate(state, env, hparams)
 
 
-_jit_chunk = jax.jit(Simulation._run_chunk, static_argnums=0, donate_argnums=1)
-_jit_evaluate = jax.jit(Simulation._evaluate, static_argnums=0)
+def _env_shardings(mesh: jax.sharding.Mesh) -> Env:
+    # The environment is shared by every configuration of a sweep: never batched.
+    return Env(info=sharding.clients(mesh), data=sharding.replicated(mesh))
+
+
+class Programs(NamedTuple):
+    """A Simulation's jitted programs (see :func:`programs`)."""
+
+    init: Callable  # (key, env, hparams) -> state
+    run_chunk: Callable  # (state, env, hparams, stop_round) -> (state, metrics); donates state
+    evaluate: Callable  # (state, env, hparams) -> {"test_loss", "test_metric"}
+
+
+@functools.lru_cache(maxsize=None)
+def programs(sim: Simulation, sweep: bool = False) -> Programs:
+    """The jitted init / round-chunk / evaluation programs of ``sim`` (cached).
+
+    Args:
+      sim: the simulation; with ``sim.mesh`` every program is jitted with
+        explicit in/out shardings: client leaves ``P("clients")``, server
+        leaves, keys and hyperparameters replicated, metrics replicated (so
+        every process can read them).
+      sweep: vmap every program over a leading configuration axis of the
+        key, state and hyperparameters (the environment and ``stop_round``
+        are shared). Each leaf of ``hparams`` and the key then has shape
+        ``[S]``; metrics come back as ``[S, chunk, ...]``.
+
+    Returns:
+      :class:`Programs`. They trace once per Simulation and shapes; later
+      chunks and new hyperparameter values reuse the compilation.
+    """
+    init, run_chunk, evaluate = sim._init, sim._run_chunk, sim._evaluate
+    if sweep:
+        # Sharding constraints or collectives inside the vmapped code then
+        # keep the configuration axis on the sweep mesh axis (if there is one)
+        # instead of replicating it.
+        spmd = sharding.SWEEP_AXIS if sim.mesh is not None and sharding.SWEEP_AXIS in sim.mesh.axis_names else None
+        init = jax.vmap(init, in_axes=(0, None, 0), spmd_axis_name=spmd)
+        run_chunk = jax.vmap(run_chunk, in_axes=(0, None, 0, None), spmd_axis_name=spmd)
+        evaluate = jax.vmap(evaluate, in_axes=(0, None, 0), spmd_axis_name=spmd)
+    if sim.mesh is None:
+        return Programs(jax.jit(init), jax.jit(run_chunk, donate_argnums=0), jax.jit(evaluate))
+    b = int(sweep)
+    # Keys, hparams and server leaves: replicated over the clients (but split
+    # over the sweep axis, if any). Shardings are pytree prefixes of the args.
+    per_run = sharding.replicated(sim.mesh, b)
+    state = SimState(server=per_run, clients=sharding.clients(sim.mesh, b), key=per_run)
+    env, everywhere = _env_shardings(sim.mesh), sharding.replicated(sim.mesh)
+    return Programs(
+        init=jax.jit(init, in_shardings=(per_run, env, per_run), out_shardings=state),
+        run_chunk=jax.jit(
+            run_chunk,
+            in_shardings=(state, env, per_run, everywhere),
+            out_shardings=(state, everywhere),
+            donate_argnums=0,
+        ),
+        evaluate=jax.jit(evaluate, in_shardings=(state, env, per_run), out_shardings=everywhere),
+    )
+
+
 _jit_client = jax.jit(Simulation._one_client, static_argnums=0)
 _jit_server = jax.jit(Simulation._server, static_argnums=0, donate_argnums=1)
 

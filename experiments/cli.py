@@ -1,0 +1,74 @@
+"""absl flags shared by the entry points (train, sweep).
+
+* one flag per :class:`fgn_jax.training.ExperimentConfig` field, with the
+  field's default (so a new config field is a new flag everywhere);
+* the multi-host flags that join a ``jax.distributed`` run
+  (docs/scaling.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+from absl import flags
+
+from fgn_jax import sharding, training
+
+
+def define_config_flags() -> dict[str, flags.FlagHolder]:
+    """Defines a flag per ExperimentConfig field; returns the holders by name."""
+    defaults = training.ExperimentConfig()
+    holders = {}
+    for field in dataclasses.fields(training.ExperimentConfig):
+        default = getattr(defaults, field.name)
+        define = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer, float: flags.DEFINE_float}.get(
+            type(default), flags.DEFINE_string
+        )
+        holders[field.name] = define(field.name, default, f"See fgn_jax.training.ExperimentConfig.{field.name}.")
+    return holders
+
+
+def config_from_flags(holders: dict[str, flags.FlagHolder]) -> training.ExperimentConfig:
+    return training.ExperimentConfig(**{name: holder.value for name, holder in holders.items()})
+
+
+class DistributedFlags(NamedTuple):
+    distributed: flags.FlagHolder
+    coordinator_address: flags.FlagHolder
+    num_processes: flags.FlagHolder
+    process_id: flags.FlagHolder
+    local_device_ids: flags.FlagHolder
+
+
+def define_distributed_flags() -> DistributedFlags:
+    return DistributedFlags(
+        distributed=flags.DEFINE_bool(
+            "distributed",
+            False,
+            "Join a multi-process run, detecting the cluster (SLURM, Open MPI, TPU pod) when "
+            "--coordinator_address is not given. Only process 0 writes files.",
+        ),
+        coordinator_address=flags.DEFINE_string(
+            "coordinator_address", None, "host:port of process 0 in a multi-process run (implies --distributed)."
+        ),
+        num_processes=flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run."),
+        process_id=flags.DEFINE_integer("process_id", None, "This process's index in [0, --num_processes)."),
+        local_device_ids=flags.DEFINE_list(
+            "local_device_ids",
+            [],
+            "Local GPUs this process drives, e.g. 0,1,2,3 (default: JAX's choice; under SLURM that is one GPU "
+            "per process, so one process per host needs them all).",
+        ),
+    )
+
+
+def maybe_initialize_distributed(holders: DistributedFlags) -> None:
+    """Calls :func:`fgn_jax.sharding.initialize_distributed` if the flags ask for it."""
+    if holders.distributed.value or holders.coordinator_address.value:
+        sharding.initialize_distributed(
+            holders.coordinator_address.value,
+            holders.num_processes.value,
+            holders.process_id.value,
+            [int(i) for i in holders.local_device_ids.value],
+        )

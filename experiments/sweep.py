@@ -1,0 +1,59 @@
+"""Runs a grid of seeds and float hyperparameters as one compiled program.
+
+    python -m experiments.sweep --workdir=/tmp/fgn_sweep --dataset=synthetic_radcom \\
+        --seeds=0,1,2 --alphas=0.5,1.0,1.5 --weight_lrs=0.01,0.05
+
+Every train flag (python -m experiments.train --helpfull) sets the values
+shared by the grid; the list flags below override --seed, --alpha,
+--weight_lr, --client_lr and --server_lr. Writes one directory per
+configuration (config.json, metrics.jsonl), results.csv/json (final metrics)
+and sweep.png (loss and task-weight curves, mean and spread over seeds); see
+fgn_jax/sweep.py. Invalid flags print one line and exit with code 2.
+"""
+
+import sys
+
+from absl import app, flags
+
+from experiments import cli
+from fgn_jax import sweep, training
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (its sweep files are replaced).", required=True)
+_LISTS = {
+    "seed": flags.DEFINE_list("seeds", [], "Seeds (comma-separated); default: --seed."),
+    "alpha": flags.DEFINE_list("alphas", [], "GradNorm alphas; default: --alpha."),
+    "weight_lr": flags.DEFINE_list("weight_lrs", [], "Task-weight learning rates; default: --weight_lr."),
+    "client_lr": flags.DEFINE_list("client_lrs", [], "Client learning rates; default: --client_lr."),
+    "server_lr": flags.DEFINE_list("server_lrs", [], "Server learning rates; default: --server_lr."),
+}
+_SWEEP_DEVICES = flags.DEFINE_integer(
+    "sweep_devices", 1, "Devices along the configuration axis; the client axis gets the rest of --num_devices."
+)
+_FLAGS = cli.define_config_flags()
+_DISTRIBUTED = cli.define_distributed_flags()
+
+
+def _values() -> dict[str, list]:
+    values = {}
+    for field, holder in _LISTS.items():
+        parse = int if field == "seed" else float
+        try:
+            values[field] = [parse(v) for v in holder.value]
+        except ValueError as e:
+            raise training.ConfigError(f"--{holder.name}: {e}") from None
+    return values
+
+
+def main(argv):
+    if len(argv) > 1:
+        sys.exit(f"unexpected arguments: {' '.join(argv[1:])}")
+    cli.maybe_initialize_distributed(_DISTRIBUTED)  # before anything touches the devices
+    try:
+        sweep.run_sweep(cli.config_from_flags(_FLAGS), _values(), _WORKDIR.value, _SWEEP_DEVICES.value)
+    except training.USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,181 @@
+"""Clients sharded over 8 fake CPU devices give the results of one device.
+
+XLA_FLAGS must be set before JAX starts and the rest of the suite uses one
+device, so the 8-device side runs in a subprocess (:func:`worker`, started
+once per module and overlapped with the in-process 1-device references).
+"""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import jax
+from jax.sharding import PartitionSpec as P
+import numpy as np
+import pytest
+
+from fgn_jax import sharding, simulate, sweep, testing, training
+from tests.conftest import make_setup
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SETTINGS = dict(num_clients=8, tau_head=1, tau_shared=1)  # tau=1 compiles faster; the sharding is the same
+ROUNDS = 4  # two chunks of log_every=2
+
+
+def populations():
+    """C=8 clients (a multiple of 8 devices) and C=3 (padded to 8 with masked clients).
+
+    The 3 clients are the first 3 of the 8-client dataset with its example
+    arrays left whole, so on the mesh both populations have the same shapes
+    and share one compilation.
+    """
+    setup = make_setup(**SETTINGS)
+    ds = setup.dataset
+    first3 = lambda split: dataclasses.replace(split, offset=split.offset[:3], size=split.size[:3])  # noqa: E731
+    three = dataclasses.replace(ds, client_task=ds.client_task[:3], train=first3(ds.train), test=first3(ds.test))
+    return setup, {8: ds, 3: three}
+
+
+def run(sim, env, hparams, state):
+    rows = []
+    while int(state.server.round) < ROUNDS:
+        state, m = sim.run_chunk(state, env, hparams, ROUNDS)
+        rows += simulate.metrics_rows(m)
+    return state, rows, {k: np.asarray(v).tolist() for k, v in sim.evaluate(state, env, hparams).items()}
+
+
+def specs(tree) -> list[str]:
+    return sorted({str(a.sharding.spec) for a in jax.tree.leaves(tree)})
+
+
+def worker(out_dir: str) -> None:
+    """The sharded side: each population on a mesh of all 8 devices."""
+    setup, datasets = populations()
+    sim = dataclasses.replace(setup.sim, mesh=sharding.make_mesh())
+    result = {"devices": jax.device_count()}
+    for c, dataset in datasets.items():
+        env = sim.make_env(dataset)
+        state = sim.init(jax.random.key(setup.config.seed), env, setup.hparams)
+        traces = sim.trace_count
+        state, m = sim.run_chunk(state, env, setup.hparams, ROUNDS)
+        traces_after_first = sim.trace_count
+        state, rows, ev = run(sim, env, setup.hparams, state)
+        result[str(c)] = {
+            "rows": simulate.metrics_rows(m) + rows,
+            "eval": ev,
+            "new_traces": [traces_after_first - traces, sim.trace_count - traces_after_first],
+            "slots": int(env.info.mask.shape[0]),
+            "specs": {"clients": specs(state.clients), "server": specs(state.server), "env": specs(env)},
+        }
+        final = {"trunk": state.server.trunk, "head": jax.tree.map(lambda a, c=c: a[:c], state.clients.head)}
+        np.savez(os.path.join(out_dir, f"{c}.npz"), *jax.device_get(jax.tree.leaves(final)))
+    # A sweep of 2 configurations over 2 devices x clients over 4: the layout
+    # its programs give the state and metrics (abstractly: nothing compiles).
+    sweep_sim = dataclasses.replace(setup.sim, mesh=sharding.make_mesh(0, sweep_devices=2))
+    env = sweep_sim.make_env(datasets[8])
+    keys, hparams = sweep.stacked_inputs([setup.config, dataclasses.replace(setup.config, seed=1)], sweep_sim.mesh)
+    progs = simulate.programs(sweep_sim, sweep=True)
+    state = jax.eval_shape(progs.init, keys, env, hparams)
+    new_state, metrics = jax.eval_shape(progs.run_chunk, state, env, hparams, ROUNDS)
+    result["sweep_specs"] = {
+        "clients": specs(new_state.clients),
+        "server": specs(new_state.server),
+        "hparams": specs(hparams),
+        "metrics": specs(metrics),
+    }
+    with open(os.path.join(out_dir, "result.json"), "w") as f:
+        json.dump(result, f)
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    """Starts the 8-device worker; yields a function that waits for its results."""
+    out = tmp_path_factory.mktemp("sharded")
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    code = "import sys; from tests.test_sharding import worker; worker(sys.argv[1])"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(out)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+
+    def wait():
+        log, _ = proc.communicate(timeout=400)
+        assert proc.returncode == 0, log.decode()[-3000:]
+        with open(out / "result.json") as f:
+            return json.load(f), out
+
+    yield wait
+    if proc.poll() is None:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def unsharded():
+    """The in-process references: each population on one device.
+
+    The 3 clients are padded to 8 slots here too, so both populations share
+    one compilation; test_simulate.py shows padding changes nothing.
+    """
+    setup, datasets = populations()
+    out = {}
+    for c, dataset in datasets.items():
+        env = simulate.make_env(dataset, num_clients=8)
+        out[c] = run(
+            setup.sim, env, setup.hparams, setup.sim.init(jax.random.key(setup.config.seed), env, setup.hparams)
+        )
+    return out
+
+
+@pytest.mark.parametrize("num_clients", [8, 3])
+def test_eight_devices_match_one(sharded, unsharded, num_clients):
+    state, rows, ev = unsharded[num_clients]
+    result, out = sharded()
+    assert result["devices"] == 8
+    got = result[str(num_clients)]
+    assert got["slots"] == 8
+    assert [r["round"] for r in got["rows"]] == [r["round"] for r in rows] == list(range(ROUNDS))
+    for a, b in zip(got["rows"], rows):
+        for key in ("task_loss", "grad_norm", "task_weight"):
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-5, err_msg=key)
+    for key in ("test_loss", "test_metric"):
+        np.testing.assert_allclose(got["eval"][key], ev[key], rtol=1e-5, atol=1e-5, err_msg=key)
+    final = {"trunk": state.server.trunk, "head": jax.tree.map(lambda a: a[:num_clients], state.clients.head)}
+    with np.load(out / f"{num_clients}.npz") as f:
+        leaves = [f[f"arr_{i}"] for i in range(len(f.files))]
+    testing.assert_trees_allclose(leaves, jax.tree.leaves(final), rtol=1e-4, atol=1e-5)
+
+
+def test_state_is_created_sharded_and_chunks_do_not_recompile(sharded):
+    result, _ = sharded()
+    clients, everywhere = str(P(sharding.CLIENT_AXIS)), str(P())
+    for c in ("8", "3"):
+        got = result[c]
+        assert got["specs"] == {"clients": [clients], "server": [everywhere], "env": sorted([clients, everywhere])}
+    # One compilation serves every chunk of both populations (same padded shapes).
+    assert result["8"]["new_traces"] == [1, 0]
+    assert result["3"]["new_traces"] == [0, 0]
+
+
+def test_sweep_axis_can_be_sharded_too(sharded):
+    result, _ = sharded()
+    assert result["sweep_specs"] == {
+        "clients": [str(P(sharding.SWEEP_AXIS, sharding.CLIENT_AXIS))],
+        "server": [str(P(sharding.SWEEP_AXIS))],
+        "hparams": [str(P(sharding.SWEEP_AXIS))],
+        "metrics": [str(P())],  # replicated, so every process can read them
+    }
+
+
+def test_mesh_and_padding_rules():
+    mesh = sharding.make_mesh()
+    assert mesh.axis_names == (sharding.CLIENT_AXIS,)
+    assert mesh.axis_types == (jax.sharding.AxisType.Auto,)
+    assert sharding.padded_num_clients(3, None) == 3
+    assert sharding.padded_num_clients(3, mesh) == 3  # one device here
+    with pytest.raises(ValueError, match="devices are available"):
+        sharding.make_mesh(jax.device_count() + 1)
+    with pytest.raises(training.ConfigError, match="--num_devices"):
+        training.ExperimentConfig(num_devices=jax.device_count() + 1).validate()
+    with pytest.raises(ValueError, match="vmap"):
+        dataclasses.replace(make_setup().sim, client_execution="loop", mesh=mesh)
