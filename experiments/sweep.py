@@ -8,7 +8,11 @@ shared by the grid; the list flags below override --seed, --alpha,
 --weight_lr, --client_lr and --server_lr. Writes one directory per
 configuration (config.json, metrics.jsonl), results.csv/json (final metrics)
 and sweep.png (loss and task-weight curves, mean and spread over seeds); see
-fgn_jax/sweep.py. Invalid flags print one line and exit with code 2.
+fgn_jax/sweep.py. Re-running the same command on the same --workdir resumes
+from the latest checkpoint (--checkpoint_every); a different sweep there is
+refused unless --overwrite. Invalid flags print one line and exit with code 2;
+a NaN/Inf with --on_divergence=stop exits with code 3 (--on_divergence=mask
+freezes the diverged configurations instead and records them in results.csv).
 """
 
 import sys
@@ -18,7 +22,15 @@ from absl import app, flags
 from experiments import cli
 from fgn_jax import sweep, training
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (its sweep files are replaced).", required=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory; re-running on it resumes the sweep.", required=True)
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a different sweep in --workdir.")
+_ON_DIVERGENCE = flags.DEFINE_enum(
+    "on_divergence",
+    "stop",
+    sweep.ON_DIVERGENCE,
+    "A NaN/Inf in a configuration: stop the sweep (exit code 3), or mask the configuration (frozen at its last "
+    "good state, recorded in results.csv) and go on.",
+)
 _LISTS = {
     "seed": flags.DEFINE_list("seeds", [], "Seeds (comma-separated); default: --seed."),
     "alpha": flags.DEFINE_list("alphas", [], "GradNorm alphas; default: --alpha."),
@@ -49,10 +61,23 @@ def main(argv):
         sys.exit(f"unexpected arguments: {' '.join(argv[1:])}")
     cli.maybe_initialize_distributed(_DISTRIBUTED)  # before anything touches the devices
     try:
-        sweep.run_sweep(cli.config_from_flags(_FLAGS), _values(), _WORKDIR.value, _SWEEP_DEVICES.value)
+        sweep.run_sweep(
+            cli.config_from_flags(_FLAGS),
+            _values(),
+            _WORKDIR.value,
+            _SWEEP_DEVICES.value,
+            on_divergence=_ON_DIVERGENCE.value,
+            overwrite=_OVERWRITE.value,
+        )
     except training.USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except training.Diverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)
+    except training.Interrupted as e:
+        print(str(e), file=sys.stderr)
+        sys.exit(128 + e.signum)
 
 
 if __name__ == "__main__":

@@ -70,7 +70,7 @@ class AlgorithmConfig:
 
     algorithm: str = "fedgradnorm"
     trunk: str = "mtfl"
-    conv_impl: str = "im2col"
+    conv_impl: str = "auto"
     max_outputs: int = 10
     num_tasks: int = 5
     tau_head: int = 1
@@ -226,9 +226,14 @@ def build(config: AlgorithmConfig, hparams: HParams, input_shape: tuple[int, ...
             updates, opt_state = client_tx.update(grads, opt_state, local)
             return (optax.apply_updates(local, updates), opt_state), None
 
-        (local, _), _ = jax.lax.scan(
-            shared_step, (trunk, client_tx.init(trunk)), jax.random.split(k_shared, config.tau_shared)
-        )
+        shared_keys = jax.random.split(k_shared, config.tau_shared)
+        # The first step starts from the broadcast theta, the same for every
+        # client, so it runs outside the scan: under vmap its trunk forward
+        # pass then has shared weights (one dense convolution over all
+        # clients' examples), while a scan carry would be per-client from the
+        # start. Same keys and arithmetic as scanning all tau_shared steps.
+        first, _ = shared_step((trunk, client_tx.init(trunk)), shared_keys[0])
+        (local, _), _ = jax.lax.scan(shared_step, first, shared_keys[1:])
         delta = jax.tree.map(jnp.subtract, local, trunk)
         return ClientState(head, head_opt_state), ClientOutput(delta, loss, grad_norm)
 

@@ -16,10 +16,13 @@ program on a global mesh over all processes' devices. What is host-local:
 * client-axis arrays (client ids, tasks, data ranges, masks, and the client
   state built from them) are placed with :func:`put`, so each process only
   transfers the shards of its own devices;
-* NOT host-local: the flat example arrays. Every process generates or loads
-  the whole dataset (deterministically from ``--data_seed``) and every device
-  holds a replicated copy, because clients index into them with their
-  ``(offset, size)`` ranges. Fine for MTFL/RadCom-sized data (tens of MB).
+* the example arrays too: :func:`fgn_jax.simulate.make_env` lays them out in
+  per-device blocks (block ``d``: the examples of device ``d``'s clients, all
+  blocks padded to one length, ``P("clients")``), each process building and
+  transferring only its own devices' blocks, and the client update and
+  evaluation run under ``jax.shard_map``, so a device only ever reads its own
+  block. Every process still generates or loads the whole dataset on the host
+  (deterministically from ``--data_seed``) to cut its blocks from it.
 
 Results do not depend on the mesh: client randomness is
 ``fold_in(fold_in(key, round), client_id)``, and padding clients
@@ -122,6 +125,15 @@ def put(tree: PyTree, shardings: PyTree) -> PyTree:
         return jax.tree.map(one, subtree)
 
     return jax.tree.map(place, shardings, tree)
+
+
+def bytes_per_device(tree: PyTree) -> dict[jax.Device, int]:
+    """Bytes of ``tree``'s shards on each of this process's devices (a replicated leaf counts on every one)."""
+    out: dict[jax.Device, int] = {}
+    for leaf in jax.tree.leaves(tree):
+        for shard in leaf.addressable_shards:
+            out[shard.device] = out.get(shard.device, 0) + shard.data.nbytes
+    return out
 
 
 def initialize_distributed(

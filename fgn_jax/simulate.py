@@ -23,7 +23,12 @@ Sharding (DESIGN.md section 3, :mod:`fgn_jax.sharding`): with a ``mesh``, the
 client axis is split over the mesh's ``"clients"`` axis and the server state
 is replicated; the state is created already sharded (``jit(init,
 out_shardings=...)``) and every program is jitted with explicit in/out
-shardings. :func:`programs` also gives the sweep versions of the programs:
+shardings. The example arrays are split too, one block of examples per
+device (:func:`make_env`), and the vmapped client update and evaluation run
+inside ``jax.shard_map`` (:meth:`Simulation._per_device`), so each device
+reads only its own clients' examples; the server update stays under the
+SPMD partitioner (one all-reduce). :func:`programs` also gives the sweep
+versions of the programs:
 the same functions vmapped over a leading configuration axis ``[S]`` of the
 state and the hyperparameters (the environment is shared), so a whole sweep
 is one compiled program.
@@ -67,17 +72,32 @@ class Env:
 def make_env(
     dataset: pool_lib.FederatedDataset, num_clients: int | None = None, mesh: jax.sharding.Mesh | None = None
 ) -> Env:
-    """Moves a federated dataset to the device(s).
+    """Moves a federated dataset to the device(s), each device only its own clients' part.
+
+    The example arrays are laid out in per-device blocks
+    (:func:`fgn_jax.data.pool.block_layout`): block ``d`` holds the examples
+    of the client slots of device ``d`` along the mesh's ``"clients"`` axis,
+    and each client's ``train_offset`` / ``test_offset`` is relative to its
+    block. Without a mesh there is one block: the clients' examples in
+    client order, offsets as in the dataset.
+
+    Slot order: client slot ``s`` holds client ``info.client_id[s]``; that is
+    client ``s`` (padding after the real clients) unless the clients are so
+    imbalanced that keeping their order would make one device's block much
+    larger than needed (:func:`fgn_jax.data.pool.slot_order`). Results do not
+    depend on the order: a client's head and randomness derive from its id,
+    and the server's sums and per-task means are over all slots.
 
     Args:
-      dataset: the partitioned dataset.
+      dataset: the partitioned dataset (host-side, identical on every process).
       num_clients: total client slots; extra slots beyond the dataset's
         clients are masked padding that changes nothing (used to make the
         client axis divisible by the device count).
-      mesh: if given, the client-axis leaves are sharded over it (each
-        process places only its own devices' shards) and the example arrays
-        are replicated; ``num_clients`` must then be a multiple of the
-        client-axis devices (see :meth:`Simulation.make_env`).
+      mesh: if given, every leaf (client-axis leaves and example blocks) is
+        sharded over its ``"clients"`` axis, and each process builds and
+        transfers only the shards of its own devices; ``num_clients`` must
+        then be a multiple of the client-axis devices (see
+        :meth:`Simulation.make_env`).
 
     Returns:
       The environment, every leaf a ``jax.Array``.
@@ -86,34 +106,67 @@ def make_env(
     c = num_clients or c_real
     if c < c_real:
         raise ValueError(f"num_clients={c} is less than the dataset's {c_real} clients")
+    blocks = sharding.axis_size(mesh, sharding.CLIENT_AXIS)
+    if c % blocks:
+        raise ValueError(f"{c} client slots do not split over the mesh {dict(mesh.shape)}; pad them")
     pad = c - c_real
+    order = client_order(dataset, c, mesh)
 
-    def padded(a, fill=0):
+    def slots(a, fill=0):
         a = np.asarray(a)
-        return np.concatenate([a, np.full((pad,), fill, a.dtype)]) if pad else a
+        return np.concatenate([a, np.full((pad,), fill, a.dtype)])[order]
 
-    client_task = padded(dataset.client_task)
+    real = order < c_real
+    train = pool_lib.block_layout(slots(dataset.train.offset), slots(dataset.train.size), blocks)
+    test = pool_lib.block_layout(slots(dataset.test.offset), slots(dataset.test.size), blocks)
+    client_task = slots(dataset.client_task)
     # Host-side (numpy) first, so that a sharded placement transfers only
-    # each process's shards.
+    # each process's shards. Padding slots sample row 0 of their block.
     info = algorithms.ClientInfo(
-        client_id=np.arange(c, dtype=np.int32),
+        client_id=order.astype(np.int32),
         task_index=client_task,
         task=jax.tree.map(np.asarray, tasks_lib.TaskArrays.for_clients(dataset.tasks, client_task)),
-        train_offset=padded(dataset.train.offset),
-        train_size=padded(dataset.train.size, 1),
-        test_offset=padded(dataset.test.offset),
-        test_size=padded(dataset.test.size, 1),
-        mask=np.concatenate([np.ones(c_real, np.float32), np.zeros(pad, np.float32)]),
+        train_offset=np.where(real, train.offset, 0).astype(np.int32),
+        train_size=slots(dataset.train.size, 1),
+        test_offset=np.where(real, test.offset, 0).astype(np.int32),
+        test_size=slots(dataset.test.size, 1),
+        mask=real.astype(np.float32),
     )
-    data = algorithms.DeviceData(
-        train_x=dataset.train.x, train_y=dataset.train.y, test_x=dataset.test.x, test_y=dataset.test.y
-    )
-    env = Env(info=info, data=data)
+    fields = {
+        "train_x": (train, dataset.train.x),
+        "train_y": (train, dataset.train.y),
+        "test_x": (test, dataset.test.x),
+        "test_y": (test, dataset.test.y),
+    }
     if mesh is None:
-        return jax.tree.map(jnp.asarray, env)
-    if c % sharding.axis_size(mesh, sharding.CLIENT_AXIS):
-        raise ValueError(f"{c} client slots do not split over the mesh {dict(mesh.shape)}; pad them")
-    return sharding.put(env, _env_shardings(mesh))
+        data = {k: layout.block(a, 0) for k, (layout, a) in fields.items()}
+        return jax.tree.map(jnp.asarray, Env(info=info, data=algorithms.DeviceData(**data)))
+    split = sharding.clients(mesh)
+    data = {k: _place_blocks(layout, a, split) for k, (layout, a) in fields.items()}
+    return Env(info=sharding.put(info, split), data=algorithms.DeviceData(**data))
+
+
+def client_order(dataset: pool_lib.FederatedDataset, num_slots: int, mesh: jax.sharding.Mesh | None) -> np.ndarray:
+    """``[num_slots]`` the client in each slot of :func:`make_env`'s environment (padding: ids past the clients).
+
+    Dataset order, unless imbalanced clients would make one device's block
+    much larger than a balanced one (:func:`fgn_jax.data.pool.slot_order`).
+    Host-side and identical on every process.
+    """
+    blocks = sharding.axis_size(mesh, sharding.CLIENT_AXIS)
+    return pool_lib.slot_order(dataset.train.size + dataset.test.size, num_slots, blocks)
+
+
+def _place_blocks(layout: pool_lib.BlockLayout, a: np.ndarray, split: jax.sharding.Sharding) -> jax.Array:
+    # make_array_from_callback asks only for this process's devices' shards
+    # (each one block), so a process never builds or transfers other blocks.
+    shape = (layout.num_blocks * layout.block_size, *a.shape[1:])
+
+    def shard(index):
+        rows = index[0].indices(shape[0])
+        return layout.rows(a, rows[0], rows[1])[(slice(None), *index[1:])]
+
+    return jax.make_array_from_callback(shape, split, shard)
 
 
 def _client_keys(key: PRNGKey, round_index, client_ids) -> jax.Array:
@@ -140,6 +193,10 @@ class Simulation:
       max_test_size: largest client test size (static; pads the evaluation).
       chunk: rounds per compiled ``lax.scan`` chunk.
       client_execution: ``"vmap"`` or ``"loop"``.
+      client_batch: clients updated at once per device in a round (0: all of
+        them, one ``vmap``). Smaller groups run one after another
+        (``lax.map``): the same results, a working set that fits the CPU's
+        caches (measured in benchmarks/README.md).
       eval_client_batch: clients evaluated at once per device (bounds
         evaluation memory).
       mesh: shards the client axis over its ``"clients"`` axis (see
@@ -152,6 +209,7 @@ class Simulation:
     max_test_size: int
     chunk: int = 10
     client_execution: str = "vmap"
+    client_batch: int = 0
     eval_client_batch: int = 64
     mesh: jax.sharding.Mesh | None = None  # hashable: the mesh is part of the static jit key
 
@@ -160,6 +218,8 @@ class Simulation:
             raise ValueError(f"client_execution must be one of {CLIENT_EXECUTIONS}")
         if self.mesh is not None and self.client_execution != "vmap":
             raise ValueError("a mesh needs client_execution='vmap'")
+        if self.client_batch < 0:
+            raise ValueError(f"client_batch must be >= 0, got {self.client_batch}")
 
     @property
     def trace_count(self) -> int:
@@ -171,6 +231,10 @@ class Simulation:
     def make_env(self, dataset: pool_lib.FederatedDataset) -> Env:
         """The dataset on the device(s), padded with masked clients to split over the mesh."""
         return make_env(dataset, sharding.padded_num_clients(dataset.num_clients, self.mesh), self.mesh)
+
+    def client_order(self, dataset: pool_lib.FederatedDataset) -> np.ndarray:
+        """The client in each slot of :meth:`make_env`'s environment (see :func:`client_order`)."""
+        return client_order(dataset, sharding.padded_num_clients(dataset.num_clients, self.mesh), self.mesh)
 
     # ----------------------------------------------------------------- state
     def init(self, key: PRNGKey, env: Env, hparams: algorithms.HParams) -> SimState:
@@ -190,12 +254,53 @@ class Simulation:
     # ---------------------------------------------------------------- rounds
     def round_step(self, state: SimState, env: Env, hparams: algorithms.HParams):
         """One round for all clients (vmapped); returns ``(state, metrics)``."""
-        alg = self.algorithm(hparams)
         keys = _client_keys(state.key, state.server.round, env.info.client_id)
-        clients_update = jax.vmap(alg.client_update, in_axes=(None, 0, 0, None, 0))
-        clients, outputs = clients_update(state.server.trunk, state.clients, env.info, env.data, keys)
-        server, metrics = alg.server_update(state.server, outputs, env.info)
+        clients, outputs = self._per_device(self._update_clients)(
+            state.server.trunk, state.clients, env.info, env.data, keys, hparams
+        )
+        server, metrics = self.algorithm(hparams).server_update(state.server, outputs, env.info)
         return SimState(server=server, clients=clients, key=state.key), metrics
+
+    def _update_clients(self, trunk, clients, info, data, keys, hparams):
+        # ``data`` is this device's block: ``info``'s offsets index into it.
+        client_update = self.algorithm(hparams).client_update
+        if not self.client_batch or self.client_batch >= keys.shape[0]:
+            return jax.vmap(client_update, in_axes=(None, 0, 0, None, 0))(trunk, clients, info, data, keys)
+        # Groups of client_batch clients, vmapped within a group, one group
+        # after another: each client computes exactly what it computes under
+        # the one vmap, on a working set small enough for the caches.
+        return jax.lax.map(
+            lambda args: client_update(trunk, args[0], args[1], data, args[2]),
+            (clients, info, keys),
+            batch_size=self.client_batch,
+        )
+
+    def _per_device(self, fn: Callable) -> Callable:
+        """``fn(trunk, clients, info, data, *per_client, hparams)`` run on each device's own clients and data.
+
+        On a mesh ``fn`` runs under ``jax.shard_map`` over every mesh axis:
+        the trunk and hyperparameters replicated, the client leaves, the
+        environment (client info and example blocks) and the other per-client
+        arguments split ``P("clients")``, so each device indexes only its own
+        block (under plain jit, a gather at per-client offsets into a sharded
+        array would all-gather it). Outputs are per-client, ``P("clients")``.
+        Inside a sweep's ``vmap(spmd_axis_name="sweep")`` the batched
+        arguments are split over the sweep axis as well. Without a mesh,
+        ``fn`` is called as is (one block holds every client's examples).
+        """
+        if self.mesh is None:
+            return fn
+        c, r = jax.sharding.PartitionSpec(sharding.CLIENT_AXIS), jax.sharding.PartitionSpec()
+
+        def call(*args):
+            in_specs = (r, c, c, c, *([c] * (len(args) - 5)), r)
+            # check_vma=False: the body is per-client math without
+            # collectives. With the check on, a client's gradient in the
+            # replicated (device-invariant) trunk would be psum-ed over the
+            # devices by AD: wrong here, where every client needs its own.
+            return jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs, out_specs=c, check_vma=False)(*args)
+
+        return call
 
     def _run_chunk(self, state, env, hparams, stop_round):
         trace_counts[self] += 1
@@ -264,21 +369,21 @@ class Simulation:
         return state, jax.tree.map(lambda *a: jnp.stack(a), *rows)
 
     # ------------------------------------------------------------ evaluation
-    def _evaluate(self, state: SimState, env: Env, hparams):
+    def _evaluate_clients(self, trunk, heads, info, data, hparams):
+        # lax.map: a sequential loop over this device's clients, in batches
+        # of eval_client_batch (bounds the evaluation's memory).
         alg = self.algorithm(hparams)
 
         def one(args):
             head, info = args
-            return algorithms.evaluate_client(alg, state.server.trunk, head, info, env.data, self.max_test_size)
+            return algorithms.evaluate_client(alg, trunk, head, info, data, self.max_test_size)
 
-        # lax.map is a sequential loop over clients; split the client axis
-        # into [devices, C / devices] first so each device loops over its own
-        # clients instead of the partitioner gathering them.
-        groups = sharding.axis_size(self.mesh, sharding.CLIENT_AXIS)
-        split = lambda a: a.reshape(groups, a.shape[0] // groups, *a.shape[1:])  # noqa: E731
-        per_group = lambda args: jax.lax.map(one, args, batch_size=self.eval_client_batch)  # noqa: E731
-        loss, metric = jax.vmap(per_group)(jax.tree.map(split, (state.clients.head, env.info)))
-        loss, metric = loss.reshape(-1), metric.reshape(-1)
+        return jax.lax.map(one, (heads, info), batch_size=self.eval_client_batch)
+
+    def _evaluate(self, state: SimState, env: Env, hparams):
+        loss, metric = self._per_device(self._evaluate_clients)(
+            state.server.trunk, state.clients.head, env.info, env.data, hparams
+        )
         member = jax.nn.one_hot(env.info.task_index, self.config.num_tasks) * env.info.mask[:, None]
         count = jnp.maximum(jnp.sum(member, axis=0), 1.0)
         return {"test_loss": member.T @ loss / count, "test_metric": member.T @ metric / count}
@@ -289,8 +394,9 @@ class Simulation:
 
 
 def _env_shardings(mesh: jax.sharding.Mesh) -> Env:
-    # The environment is shared by every configuration of a sweep: never batched.
-    return Env(info=sharding.clients(mesh), data=sharding.replicated(mesh))
+    # Client info and example blocks: split over the client axis. The
+    # environment is shared by every configuration of a sweep: never batched.
+    return Env(info=sharding.clients(mesh), data=sharding.clients(mesh))
 
 
 class Programs(NamedTuple):

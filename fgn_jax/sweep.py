@@ -16,37 +16,87 @@ configuration axis may be sharded too (``sweep_devices``; the grid is padded
 with repeats of its last configuration to split evenly, and the repeats are
 dropped).
 
+Divergence (``on_divergence``): round ``r`` of a configuration is good if
+its ``task_loss``, ``grad_norm`` and ``task_weight`` and the state after it
+are free of NaN/Inf; this is checked per configuration and round inside the
+compiled chunk (:func:`chunk_program`), and a bad round is never applied.
+
+* ``"stop"`` (default): the first bad round of any configuration stops the
+  sweep (:class:`~fgn_jax.training.Diverged`, naming the configuration, the
+  round, the task and the quantity); only rows of earlier rounds are written
+  and the last good checkpoint is kept, as in a single run.
+* ``"mask"``: the configuration is frozen at the state it began round ``r``
+  with (its round counter stays at ``r``) and writes no more rows; the others
+  go on exactly as without it. ``results`` record its ``diverged_round`` and
+  the reason.
+
+Checkpoint and resume (as a single run, :mod:`fgn_jax.workdir`): the whole
+``[S]``-leading state is checkpointed every ``checkpoint_every`` rounds;
+re-running the same sweep on its work directory resumes from the latest
+checkpoint, truncating each ``metrics.jsonl`` to the rounds before it, so the
+files end up identical to an uninterrupted sweep. Which configurations were
+frozen is part of the checkpointed state (a round counter behind the others).
+A work directory holding a different sweep (shared settings or grid) is
+refused unless ``overwrite``.
+
 Writes to the work directory:
 
+* ``config.json``: the shared settings and the grid (compared on resume), the
+  configuration names, ``on_divergence``;
 * ``<name>/config.json`` and ``<name>/metrics.jsonl`` per configuration, the
   name listing its swept values (e.g. ``alpha=0.5,seed=0``), the rows exactly
   as in a single run's ``metrics.jsonl``;
-* ``results.json`` and ``results.csv``: the final metrics of each configuration;
+* ``checkpoints/``: the sweep state (orbax, the last ``keep_checkpoints``);
+* ``divergence.json`` (mask mode, once one diverged): per frozen
+  configuration its round and message;
+* ``results.json`` and ``results.csv``: the final metrics of each
+  configuration, ``diverged_round`` and ``divergence`` (empty when fine);
 * ``sweep.png``: per-task loss curves and task-weight trajectories, mean and
   min-max band over seeds, one line per setting of the other values;
-* ``summary.json``: the grid, the devices, wall and first-chunk times.
+* ``summary.json``: the grid, the devices, diverged configurations, wall and
+  first-chunk times.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
+import functools
 import itertools
 import json
 import math
 import os
+import shutil
 import sys
 import time
-from typing import Mapping, Sequence, TextIO
+from typing import Callable, Mapping, Sequence, TextIO
+import warnings
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from fgn_jax import algorithms, sharding, simulate, training
+import fgn_jax
+from fgn_jax import algorithms, checkpoint, sharding, simulate, training
+from fgn_jax import workdir as workdir_lib
 
 # ExperimentConfig fields a sweep may vary, in the order of the grid (the
 # seed varies fastest, so the seeds of one setting are neighbours).
 SWEPT = ("alpha", "weight_lr", "client_lr", "server_lr", "seed")
+# The list flag of each swept field (experiments/sweep.py), also the keys of the grid in config.json.
+LIST_FLAGS = {
+    "alpha": "alphas",
+    "weight_lr": "weight_lrs",
+    "client_lr": "client_lrs",
+    "server_lr": "server_lrs",
+    "seed": "seeds",
+}
+ON_DIVERGENCE = ("stop", "mask")
+# Per-round quantities checked for NaN/Inf (with the state after the round).
+QUANTITIES = ("task_loss", "grad_norm", "task_weight")
+RESULT_FILES = ("results.json", "results.csv", "sweep.png")
+DIVERGENCE = "divergence.json"  # on_divergence="mask": name -> {"round", "message"} of each frozen configuration
 
 
 def grid(base: training.ExperimentConfig, values: Mapping[str, Sequence]) -> list[training.ExperimentConfig]:
@@ -111,32 +161,176 @@ def stacked_inputs(
     return jax.jit(lambda s, h: (jax.vmap(jax.random.key)(s), h), out_shardings=out)(seeds, hparams)
 
 
+def _all_finite(tree, real: jax.Array | None = None) -> jax.Array:
+    """True iff every float leaf of ``tree`` is free of NaN/Inf.
+
+    With ``real`` (a ``[C]`` client mask), the leaves have a leading client
+    axis and only the real clients' entries count (padding is never used).
+    """
+    flags = []
+    for x in jax.tree.leaves(tree):
+        if jnp.issubdtype(x.dtype, jnp.inexact):
+            if real is None:
+                flags.append(jnp.all(jnp.isfinite(x)))
+            else:
+                flags.append(jnp.all(jnp.all(jnp.isfinite(x).reshape(x.shape[0], -1), axis=1) | ~real))
+    return functools.reduce(jnp.logical_and, flags, jnp.asarray(True))
+
+
+def _masked_chunk(sim: simulate.Simulation, state: simulate.SimState, env, hparams, stop_round, start_round):
+    """One configuration's chunk of rounds; a round that goes non-finite is not applied.
+
+    Like :meth:`fgn_jax.simulate.Simulation.run_chunk`, but round ``r`` is
+    *good* only if its metrics (``task_loss``, ``grad_norm``, ``task_weight``)
+    and the state after it are all finite. The first bad round freezes the
+    configuration: its state stays the one it began round ``r`` with (the
+    state after round ``r - 1``, round counter ``r``), and later rounds of the
+    chunk leave it alone. A configuration whose round counter is behind
+    ``start_round`` (the rounds done by the sweep) was frozen in an earlier
+    chunk and stays frozen, so a checkpointed state carries which
+    configurations diverged, and at which round.
+
+    Returns:
+      ``(state, metrics)``; metrics stacked ``[chunk, ...]`` with ``round``,
+      ``active`` (the round was good and applied) and ``diverged`` (the round
+      was the configuration's first bad one; its metrics are the bad values).
+    """
+    simulate.trace_counts[sim] += 1  # counted like the single-run chunk: tests prove one compilation
+
+    def body(carry, _):
+        state, frozen = carry
+        new, metrics = sim.round_step(state, env, hparams)
+        finite = _all_finite(([metrics[k] for k in QUANTITIES], new.server)) & _all_finite(new.clients, real)
+        ran = (state.server.round < stop_round) & ~frozen
+        good = ran & finite
+        keep = lambda a, b: jnp.where(good, a, b)  # noqa: E731
+        out = simulate.SimState(
+            server=jax.tree.map(keep, new.server, state.server),
+            clients=jax.tree.map(keep, new.clients, state.clients),
+            key=state.key,
+        )
+        metrics.update(round=state.server.round, active=good, diverged=ran & ~finite)
+        return (out, frozen | (ran & ~finite)), metrics
+
+    real = env.info.mask > 0
+    frozen = state.server.round < start_round
+    (state, _), metrics = jax.lax.scan(body, (state, frozen), None, length=sim.chunk)
+    return state, metrics
+
+
+@functools.lru_cache(maxsize=None)
+def chunk_program(sim: simulate.Simulation) -> Callable:
+    """The sweep's jitted round chunk: :func:`_masked_chunk` vmapped over configurations.
+
+    Called as ``program(state, env, hparams, stop_round, start_round)`` with
+    ``[S]``-leading state and hyperparameters; returns the new state (donating
+    the old one) and metrics ``[S, chunk, ...]``, replicated. Shardings as in
+    :func:`fgn_jax.simulate.programs` with ``sweep=True`` (the environment
+    keeps the placement it was made with).
+    """
+    spmd = sharding.SWEEP_AXIS if sim.mesh is not None and sharding.SWEEP_AXIS in sim.mesh.axis_names else None
+    run = jax.vmap(functools.partial(_masked_chunk, sim), in_axes=(0, None, 0, None, None), spmd_axis_name=spmd)
+    if sim.mesh is None:
+        return jax.jit(run, donate_argnums=0)
+    per_run, everywhere = sharding.replicated(sim.mesh, 1), sharding.replicated(sim.mesh)
+    state = simulate.SimState(server=per_run, clients=sharding.clients(sim.mesh, 1), key=per_run)
+    return jax.jit(
+        run,
+        in_shardings=(state, None, per_run, everywhere, everywhere),
+        out_shardings=(state, everywhere),
+        donate_argnums=0,
+    )
+
+
+def sweep_settings(
+    base: training.ExperimentConfig, configs: Sequence[training.ExperimentConfig], task_names, client_slots: int
+) -> dict:
+    """What a sweep's ``config.json`` is compared on when its work directory is reused.
+
+    The shared settings (without the swept fields, which the grid lists under
+    their list flags' names, e.g. ``alphas``), the task names and the client
+    and configuration slots (a checkpoint only fits the same shapes).
+    """
+    settings = {k: v for k, v in dataclasses.asdict(base).items() if k not in SWEPT}
+    settings.update({LIST_FLAGS[f]: list(dict.fromkeys(getattr(c, f) for c in configs)) for f in SWEPT})
+    return {**settings, "task_names": list(task_names), "client_slots": client_slots}
+
+
+def _remove_sweep_files(workdir: str) -> None:
+    # --overwrite: the previous sweep's per-configuration directories and result files.
+    try:
+        with open(os.path.join(workdir, workdir_lib.CONFIG)) as f:
+            names = json.load(f).get("configurations", [])
+    except (OSError, ValueError, AttributeError):
+        names = []
+    for name in names:
+        path = os.path.join(workdir, name)
+        if name and os.path.isfile(os.path.join(path, workdir_lib.CONFIG)):
+            shutil.rmtree(path)
+    for name in (*RESULT_FILES, DIVERGENCE):
+        if os.path.exists(os.path.join(workdir, name)):
+            os.remove(os.path.join(workdir, name))
+
+
+def _bad_row(metrics, j: int) -> dict:
+    # The metrics of a configuration's first bad round, as a metrics.jsonl row.
+    return {"round": int(metrics["round"][j]), **{k: [float(v) for v in metrics[k][j]] for k in QUANTITIES}}
+
+
 def run_sweep(
     base: training.ExperimentConfig,
     values: Mapping[str, Sequence],
     workdir: str,
     sweep_devices: int = 1,
     log: TextIO | None = sys.stdout,
+    on_divergence: str = "stop",
+    overwrite: bool = False,
+    on_event: Callable[[str, int], None] | None = None,
 ) -> list[dict]:
-    """Runs every configuration of the grid at once and writes the files above.
+    """Runs every configuration of the grid at once (or resumes) and writes the files above.
+
+    Re-running the same sweep on the same ``workdir`` continues from the
+    latest checkpoint; each ``metrics.jsonl`` is then identical to that of an
+    uninterrupted sweep. A workdir holding a different sweep is refused
+    unless ``overwrite``.
 
     Args:
       base: settings shared by all configurations (``num_devices`` included).
       values: the grid, see :func:`grid`.
-      workdir: output directory (created if needed; files are replaced).
+      workdir: output directory (created if needed).
       sweep_devices: devices along the configuration axis (1: only the
         client axis is sharded).
       log: where progress lines go (None: silent). Only process 0 logs and
         writes files.
+      on_divergence: what a NaN/Inf in a configuration's loss, gradient norm,
+        task weight or state does: ``"stop"`` the sweep (raises
+        :class:`~fgn_jax.training.Diverged`), or ``"mask"`` the configuration
+        (frozen at its last good state; the others go on).
+      overwrite: replace a different sweep in ``workdir``.
+      on_event: test hook, called as ``on_event(name, rounds_done)`` after
+        ``"metrics"`` are written and after a ``"checkpoint"`` is saved.
 
     Returns:
       One result dict per configuration (the rows of ``results.json``).
+
+    Raises:
+      training.ConfigError, workdir.WorkdirError: bad input.
+      training.Diverged: ``on_divergence="stop"`` and a configuration
+        diverged; rows of the good rounds are written, the last good
+        checkpoint is kept.
+      training.Interrupted: SIGINT/SIGTERM; the state was checkpointed first.
     """
     start = time.time()
+    if on_divergence not in ON_DIVERGENCE:
+        raise training.ConfigError(f"--on_divergence: choose one of {', '.join(ON_DIVERGENCE)}, got {on_divergence!r}")
     configs = grid(base, values)
     names = [config_name(c, varied(configs)) for c in configs]
     writer = jax.process_index() == 0
     say = lambda msg: print(msg, file=log, flush=True) if log is not None and writer else None  # noqa: E731
+
+    def event(name, done):
+        if on_event is not None:
+            on_event(name, done)
 
     dataset = training.build_dataset(base)
     task_names = dataset.task_names
@@ -148,40 +342,124 @@ def run_sweep(
     env = sim.make_env(dataset)
     # Repeat the last configuration so the sweep axis splits over its devices.
     padded = configs + configs[-1:] * (-len(configs) % sweep_devices)
-    keys, hparams = stacked_inputs(padded, mesh)
-    progs = simulate.programs(sim, sweep=True)
-    state = progs.init(keys, env, hparams)
-    say(f"sweep of {len(configs)} configurations ({', '.join(varied(configs))}) on {mesh.devices.size} devices")
 
+    settings = {**sweep_settings(base, configs, task_names, int(env.info.mask.shape[0])), "config_slots": len(padded)}
+    # Which client sits in which slot depends on the device count (simulate.client_order); a checkpoint fits only it.
+    slot_ids = [int(i) for i in sim.client_order(dataset)]
+    settings["client_order"] = None if slot_ids == list(range(len(slot_ids))) else slot_ids
+    if writer and overwrite:
+        _remove_sweep_files(workdir)
+    resuming = workdir_lib.prepare_on_writer(workdir, settings, overwrite)  # the same on every process
+    if writer and not resuming:
+        for name in (*RESULT_FILES, DIVERGENCE):
+            if os.path.exists(os.path.join(workdir, name)):
+                os.remove(os.path.join(workdir, name))
+        workdir_lib.write_json_atomic(
+            os.path.join(workdir, workdir_lib.CONFIG),
+            {**settings, "configurations": names, "on_divergence": on_divergence, "version": fgn_jax.__version__},
+        )
     if writer:
         for name, config in zip(names, configs):
             os.makedirs(os.path.join(workdir, name), exist_ok=True)
-            settings = {**dataclasses.asdict(config), "task_names": task_names, "sweep": name}
-            _write_json(os.path.join(workdir, name, "config.json"), settings)
-            open(os.path.join(workdir, name, "metrics.jsonl"), "w").close()
+            if not resuming or not os.path.exists(os.path.join(workdir, name, workdir_lib.CONFIG)):
+                settings_i = {**dataclasses.asdict(config), "task_names": task_names, "sweep": name}
+                workdir_lib.write_json_atomic(os.path.join(workdir, name, workdir_lib.CONFIG), settings_i)
 
-    rows: list[list[dict]] = [[] for _ in configs]
-    done, first_chunk_s = 0, None
-    stop = np.int32(base.rounds)
-    while done < base.rounds:
-        t0 = time.time()
-        state, metrics = progs.run_chunk(state, env, hparams, stop)
-        metrics = jax.device_get(metrics)
-        done = min(done + sim.chunk, base.rounds)
-        evaluation = None
-        if done % base.eval_every == 0 or done == base.rounds:
-            evaluation = jax.device_get(progs.evaluate(state, env, hparams))
-        first_chunk_s = first_chunk_s or time.time() - t0
-        for i, name in enumerate(names):
-            chunk_rows = simulate.metrics_rows(jax.tree.map(lambda a: a[i], metrics))  # noqa: B023
-            if evaluation is not None:
-                chunk_rows[-1].update({k: [float(v) for v in evaluation[k][i]] for k in evaluation})
-            rows[i].extend(chunk_rows)
-            if writer:
-                with open(os.path.join(workdir, name, "metrics.jsonl"), "a") as f:
-                    f.writelines(json.dumps(row) + "\n" for row in chunk_rows)
-        losses = np.array([r[-1]["task_loss"] for r in rows])
-        say(f"round {done}/{base.rounds}: mean task loss over configurations {np.nanmean(losses):.4f}")
+    keys, hparams = stacked_inputs(padded, mesh)
+    progs = simulate.programs(sim, sweep=True)
+    run_chunk = chunk_program(sim)
+    state = progs.init(keys, env, hparams)
+    say(f"sweep of {len(configs)} configurations ({', '.join(varied(configs))}) on {mesh.devices.size} devices")
+
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, workdir_lib.CHECKPOINTS), keep=base.keep_checkpoints)
+    with contextlib.closing(ckpt):
+        restored = ckpt.restore_latest(state, say) if resuming else None
+        done = 0
+        # Configurations frozen by on_divergence="mask": index -> (round, message).
+        diverged: dict[int, tuple[int, str]] = {}
+        if restored is not None:
+            state, done = restored
+            say(f"resuming from the checkpoint at round {done}")
+            diverged = _restored_divergence(workdir, names, _fetch(state.server.round, mesh), done)
+            for i, (r, _) in sorted(diverged.items()):
+                say(f"configuration {names[i]} stays frozen at its state before round {r} (diverged, masked)")
+        # Only process 0 writes; the others read what it has (a shared file system), for the results.
+        metrics_of = workdir_lib.reset_metrics if writer else workdir_lib.read_metrics
+        rows = [metrics_of(os.path.join(workdir, n), done) for n in names]
+
+        def stop_for(i, problem, kept_round):
+            kept = (
+                "no checkpoint was saved yet"
+                if kept_round is None
+                else f"the last good checkpoint (round {kept_round}) is kept in {ckpt.directory}"
+            )
+            return training.Diverged(f"configuration {names[i]} diverged at {problem}; {kept}")
+
+        if on_divergence == "stop" and diverged:
+            i = min(diverged, key=lambda i: (diverged[i][0], i))
+            raise stop_for(i, f"{diverged[i][1]} (masked in an earlier run)", max(ckpt.steps(), default=None))
+
+        last_checkpoint, first_chunk_s = done, None
+        with training._StopRequest() as stop:  # noqa: SLF001 - the single run's SIGINT/SIGTERM handling
+            while done < base.rounds:
+                t0 = time.time()
+                state, metrics = run_chunk(state, env, hparams, np.int32(base.rounds), np.int32(done))
+                metrics = jax.device_get(metrics)
+                first_chunk_s = first_chunk_s or time.time() - t0
+                chunk_rows, new = [], {}
+                for i in range(len(configs)):
+                    mine = jax.tree.map(lambda a: a[i], metrics)  # noqa: B023
+                    chunk_rows.append(simulate.metrics_rows(mine))
+                    bad = np.flatnonzero(mine["diverged"])
+                    if bad.size:
+                        row = _bad_row(mine, bad[0])
+                        problem = training.first_nonfinite([row], task_names) or (
+                            f"round {row['round']}: the state after the round has a NaN/Inf (its metrics are finite)"
+                        )
+                        new[i] = (row["round"], problem)
+                if new and on_divergence == "stop":
+                    i = min(new, key=lambda i: (new[i][0], i))
+                    if writer:
+                        for name, r in zip(names, chunk_rows):
+                            workdir_lib.append_metrics(
+                                os.path.join(workdir, name), [x for x in r if x["round"] < new[i][0]]
+                            )
+                    raise stop_for(i, new[i][1], max(ckpt.steps(), default=None))
+                done = min(done + sim.chunk, base.rounds)
+                for i, (r, problem) in new.items():
+                    say(f"configuration {names[i]} diverged at {problem}; masked: frozen at its state before round {r}")
+                diverged.update(new)
+                if new and writer:  # before the rows and the checkpoint that depend on it
+                    workdir_lib.write_json_atomic(
+                        os.path.join(workdir, DIVERGENCE),
+                        {names[i]: {"round": r, "message": m} for i, (r, m) in sorted(diverged.items())},
+                    )
+                if done % base.eval_every == 0 or done == base.rounds:
+                    evaluation = jax.device_get(progs.evaluate(state, env, hparams))
+                    for i, r in enumerate(chunk_rows):
+                        if r and r[-1]["round"] == done - 1:  # not a configuration frozen before the chunk's end
+                            r[-1].update({k: [float(v) for v in evaluation[k][i]] for k in evaluation})
+                for i, name in enumerate(names):
+                    rows[i].extend(chunk_rows[i])
+                    if writer:
+                        workdir_lib.append_metrics(os.path.join(workdir, name), chunk_rows[i])
+                event("metrics", done)
+                # Chunks end every log_every rounds: checkpoint at the first chunk end past each multiple.
+                due = done // base.checkpoint_every > last_checkpoint // base.checkpoint_every
+                if due or done == base.rounds or stop.signum is not None:
+                    last_checkpoint = done
+                    ckpt.save(done, state)
+                    event("checkpoint", done)
+                losses = [r[-1]["task_loss"] for i, r in enumerate(rows) if r and i not in diverged]
+                mean = f"{np.mean(losses):.4f}" if losses else "-"
+                msg = f"round {done}/{base.rounds}: mean task loss over configurations {mean}"
+                say(msg + (f" ({len(diverged)} diverged, masked)" if diverged else ""))
+                if stop.signum is not None and done < base.rounds:
+                    raise training.Interrupted(
+                        f"stopped by signal {stop.signum} after round {done}; checkpoint saved, "
+                        "re-run the same command to resume",
+                        stop.signum,
+                    )
 
     final_weights = _fetch(state.server.gradnorm.task_weights, mesh)
     results = []
@@ -191,10 +469,12 @@ def run_sweep(
             {
                 "name": name,
                 **{field: getattr(config, field) for field in SWEPT},
-                "final_task_loss": rows[i][-1]["task_loss"],
+                "diverged_round": diverged[i][0] if i in diverged else None,
+                "divergence": diverged[i][1] if i in diverged else None,
+                "final_task_loss": rows[i][-1]["task_loss"] if rows[i] else None,
                 "final_task_weight": [float(v) for v in final_weights[i]],
-                "final_test_loss": evals[-1]["test_loss"],
-                "final_test_metric": evals[-1]["test_metric"],
+                "final_test_loss": evals[-1]["test_loss"] if evals else None,
+                "final_test_metric": evals[-1]["test_metric"] if evals else None,
             }
         )
     summary = {
@@ -203,31 +483,57 @@ def run_sweep(
         "task_names": task_names,
         "devices": [str(d) for d in mesh.devices.flat],
         "mesh": dict(mesh.shape),
+        "rounds": done,
+        "on_divergence": on_divergence,
+        "diverged": {names[i]: r for i, (r, _) in sorted(diverged.items())},
+        "resumed_from_round": restored[1] if restored is not None else None,
         "wall_time_s": time.time() - start,
         "first_chunk_s": first_chunk_s,
     }
     if writer:
-        _write_json(os.path.join(workdir, "results.json"), results)
+        workdir_lib.write_json_atomic(os.path.join(workdir, "results.json"), results)
         _write_csv(os.path.join(workdir, "results.csv"), results, task_names)
-        _write_json(os.path.join(workdir, "summary.json"), summary)
+        workdir_lib.write_json_atomic(os.path.join(workdir, workdir_lib.SUMMARY), summary)
         plot(configs, rows, task_names, os.path.join(workdir, "sweep.png"), title=f"{base.algorithm} on {base.dataset}")
+    if diverged:
+        say(f"{len(diverged)} of {len(configs)} configurations diverged (masked): {', '.join(summary['diverged'])}")
     say(f"done in {summary['wall_time_s']:.1f} s; results in {os.path.join(workdir, 'results.csv')}")
     return results
 
 
-def _write_json(path, obj):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
+def _restored_divergence(workdir: str, names: Sequence[str], rounds, done: int) -> dict[int, tuple[int, str]]:
+    # A configuration whose round counter is behind the checkpoint's round was frozen at that round.
+    try:
+        with open(os.path.join(workdir, DIVERGENCE)) as f:
+            messages = {k: v["message"] for k, v in json.load(f).items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        messages = {}
+    diverged = {}
+    for i, name in enumerate(names):
+        r = int(rounds[i])
+        if r < done:
+            diverged[i] = (r, messages.get(name, f"round {r}: a NaN/Inf (details lost)"))
+    return diverged
 
 
 def _write_csv(path, results, task_names):
     per_task = ("final_task_loss", "final_task_weight", "final_test_loss", "final_test_metric")
-    header = ["name", *SWEPT, *(f"{key}/{task}" for key in per_task for task in task_names)]
+    header = ["name", *SWEPT, "diverged_round", "divergence"]
+    header += [f"{key}/{task}" for key in per_task for task in task_names]
+    blank = [""] * len(task_names)
     with open(path, "w", newline="") as f:
         out = csv.writer(f)
         out.writerow(header)
         for r in results:
-            out.writerow([r["name"], *(r[k] for k in SWEPT), *(v for key in per_task for v in r[key])])
+            fields = [r["diverged_round"], r["divergence"]]
+            out.writerow(
+                [
+                    r["name"],
+                    *(r[k] for k in SWEPT),
+                    *("" if v is None else v for v in fields),
+                    *(v for key in per_task for v in (blank if r[key] is None else r[key])),
+                ]
+            )
 
 
 def plot(
@@ -259,14 +565,21 @@ def plot(
     fig, axes = plt.subplots(2, t, figsize=(3.2 * t, 6), squeeze=False, sharex=True)
     for g, (label, members) in enumerate(groups.items()):
         color = plt.get_cmap("tab10" if len(groups) <= 10 else "tab20")(g % 20)
-        rounds = [r["round"] for r in rows[members[0]]]
+        # A diverged (masked) configuration's rows stop early: it leaves the mean and band there.
+        rounds = max(([r["round"] for r in rows[i]] for i in members), key=len)
         for row_index, key in enumerate(("task_loss", "task_weight")):
-            values = np.array([[r[key] for r in rows[i]] for i in members])  # [seeds, rounds, T]
+            values = np.full((len(members), len(rounds), t), np.nan)  # [seeds, rounds, T]
+            for m, i in enumerate(members):
+                if rows[i]:
+                    values[m, : len(rows[i])] = [r[key] for r in rows[i]]
+            with warnings.catch_warnings():  # all-NaN columns (no configuration left) plot as gaps
+                warnings.simplefilter("ignore", RuntimeWarning)
+                mean, low, high = np.nanmean(values, 0), np.nanmin(values, 0), np.nanmax(values, 0)
             for k in range(t):
                 ax = axes[row_index, k]
-                ax.plot(rounds, values[..., k].mean(0), color=color, label=label if k == 0 and row_index == 0 else None)
+                ax.plot(rounds, mean[:, k], color=color, label=label if k == 0 and row_index == 0 else None)
                 if len(members) > 1:
-                    ax.fill_between(rounds, values[..., k].min(0), values[..., k].max(0), color=color, alpha=0.2)
+                    ax.fill_between(rounds, low[:, k], high[:, k], color=color, alpha=0.2)
     for k, name in enumerate(task_names):
         axes[0, k].set_title(name)
         axes[0, k].set_yscale("log")

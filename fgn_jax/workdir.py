@@ -19,6 +19,8 @@ import shutil
 import tempfile
 from typing import Any, Iterable, Mapping
 
+import numpy as np
+
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
@@ -41,6 +43,34 @@ def write_json_atomic(path: str, obj: Any) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def prepare_on_writer(workdir: str, settings: Mapping[str, Any], overwrite: bool) -> bool:
+    """:func:`prepare` on process 0; its answer on every process of a multi-process run.
+
+    Every process must restore the checkpoint, or none: a process that
+    started fresh while the others resumed would silently mix two states.
+    A refusal on process 0 stops the others too (with a pointer to process
+    0's message) instead of leaving them waiting.
+    """
+    import jax  # here: the module itself works without devices
+
+    if jax.process_count() == 1:
+        return prepare(workdir, settings, overwrite)
+    from jax.experimental import multihost_utils
+
+    answer, error = 0, None
+    if jax.process_index() == 0:
+        try:
+            answer = int(prepare(workdir, settings, overwrite))
+        except WorkdirError as e:
+            answer, error = -1, e
+    answer = int(multihost_utils.broadcast_one_to_all(np.int32(answer)))
+    if error is not None:
+        raise error
+    if answer < 0:
+        raise WorkdirError(f"--workdir={workdir} was refused by process 0 (see its message)")
+    return bool(answer)
 
 
 def prepare(workdir: str, settings: Mapping[str, Any], overwrite: bool) -> bool:

@@ -8,15 +8,18 @@ once per module and overlapped with the in-process 1-device references).
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
 
 from fgn_jax import sharding, simulate, sweep, testing, training
+from tests import test_hostlocal as hostlocal
 from tests.conftest import make_setup
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,17 +28,20 @@ ROUNDS = 4  # two chunks of log_every=2
 
 
 def populations():
-    """C=8 clients (a multiple of 8 devices) and C=3 (padded to 8 with masked clients).
+    """C=8 clients (a multiple of 8 devices), C=3 (padded to 8 with masked clients), C=16 imbalanced.
 
     The 3 clients are the first 3 of the 8-client dataset with its example
     arrays left whole, so on the mesh both populations have the same shapes
-    and share one compilation.
+    and share one compilation. The 16 imbalanced clients (sizes ~ 1/(c+1))
+    run 2 per device, in a balancing slot order (``pool.slot_order``) that
+    is not the client order.
     """
     setup = make_setup(**SETTINGS)
     ds = setup.dataset
     first3 = lambda split: dataclasses.replace(split, offset=split.offset[:3], size=split.size[:3])  # noqa: E731
     three = dataclasses.replace(ds, client_task=ds.client_task[:3], train=first3(ds.train), test=first3(ds.test))
-    return setup, {8: ds, 3: three}
+    imbalanced = make_setup(**{**SETTINGS, "num_clients": 16, "imbalance": 1.0}).dataset
+    return setup, {8: ds, 3: three, 16: imbalanced}
 
 
 def run(sim, env, hparams, state):
@@ -50,6 +56,12 @@ def specs(tree) -> list[str]:
     return sorted({str(a.sharding.spec) for a in jax.tree.leaves(tree)})
 
 
+def collectives(hlo: str) -> list[str]:
+    """The kinds of cross-device operations in compiled HLO text."""
+    ops = r"(all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter|collective-broadcast)"
+    return sorted(set(re.findall(ops + r"(?:-start)?\(", hlo)))
+
+
 def worker(out_dir: str) -> None:
     """The sharded side: each population on a mesh of all 8 devices."""
     setup, datasets = populations()
@@ -57,6 +69,7 @@ def worker(out_dir: str) -> None:
     result = {"devices": jax.device_count()}
     for c, dataset in datasets.items():
         env = sim.make_env(dataset)
+        hostlocal.save_shards(env, os.path.join(out_dir, f"{c}_blocks.npz"))
         state = sim.init(jax.random.key(setup.config.seed), env, setup.hparams)
         traces = sim.trace_count
         state, m = sim.run_chunk(state, env, setup.hparams, ROUNDS)
@@ -67,9 +80,23 @@ def worker(out_dir: str) -> None:
             "eval": ev,
             "new_traces": [traces_after_first - traces, sim.trace_count - traces_after_first],
             "slots": int(env.info.mask.shape[0]),
+            "client_id": np.asarray(env.info.client_id).tolist(),
             "specs": {"clients": specs(state.clients), "server": specs(state.server), "env": specs(env)},
         }
-        final = {"trunk": state.server.trunk, "head": jax.tree.map(lambda a, c=c: a[:c], state.clients.head)}
+        if c == 8:  # the compiled programs' collectives (from the compilation cache)
+            stop = jnp.asarray(ROUNDS, jnp.int32)
+            progs = simulate.programs(sim)
+            hlo = {
+                "run_chunk": progs.run_chunk.lower(state, env, setup.hparams, stop),
+                "evaluate": progs.evaluate.lower(state, env, setup.hparams),
+            }
+            result["collectives"] = {k: collectives(v.compile().as_text()) for k, v in hlo.items()}
+        # Heads in client order (slot s holds client client_id[s]), padding dropped.
+        in_order = np.argsort(np.asarray(env.info.client_id))[:c]
+        final = {
+            "trunk": state.server.trunk,
+            "head": jax.tree.map(lambda a, i=in_order: np.asarray(a)[i], state.clients.head),
+        }
         np.savez(os.path.join(out_dir, f"{c}.npz"), *jax.device_get(jax.tree.leaves(final)))
     # A sweep of 2 configurations over 2 devices x clients over 4: the layout
     # its programs give the state and metrics (abstractly: nothing compiles).
@@ -114,26 +141,28 @@ def sharded(tmp_path_factory):
 def unsharded():
     """The in-process references: each population on one device.
 
-    The 3 clients are padded to 8 slots here too, so both populations share
-    one compilation; test_simulate.py shows padding changes nothing.
+    The 3 clients are padded to 8 slots here too, so they share the
+    8 clients' compilation; test_simulate.py shows padding changes nothing.
     """
     setup, datasets = populations()
     out = {}
     for c, dataset in datasets.items():
-        env = simulate.make_env(dataset, num_clients=8)
+        env = simulate.make_env(dataset, num_clients=max(c, 8))
         out[c] = run(
             setup.sim, env, setup.hparams, setup.sim.init(jax.random.key(setup.config.seed), env, setup.hparams)
         )
     return out
 
 
-@pytest.mark.parametrize("num_clients", [8, 3])
+@pytest.mark.parametrize("num_clients", [8, 3, 16])
 def test_eight_devices_match_one(sharded, unsharded, num_clients):
     state, rows, ev = unsharded[num_clients]
     result, out = sharded()
     assert result["devices"] == 8
     got = result[str(num_clients)]
-    assert got["slots"] == 8
+    assert got["slots"] == max(num_clients, 8)
+    # Balanced clients keep their slots; the imbalanced ones are spread over the devices.
+    assert (got["client_id"] == list(range(got["slots"]))) == (num_clients != 16)
     assert [r["round"] for r in got["rows"]] == [r["round"] for r in rows] == list(range(ROUNDS))
     for a, b in zip(got["rows"], rows):
         for key in ("task_loss", "grad_norm", "task_weight"):
@@ -146,15 +175,37 @@ def test_eight_devices_match_one(sharded, unsharded, num_clients):
     testing.assert_trees_allclose(leaves, jax.tree.leaves(final), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("num_clients", [8, 3, 16])
+def test_each_device_holds_only_its_clients_examples(sharded, num_clients):
+    """Device d's shard of each example array: the rows of its client slots, then zeros; nothing else."""
+    _, out = sharded()
+    _, datasets = populations()
+    ds = datasets[num_clients]
+    shards = hostlocal.load_shards(out / f"{num_clients}_blocks.npz")
+    for field in hostlocal.FIELDS:
+        split = ds.train if field.startswith("train") else ds.test
+        held = hostlocal.check_blocks(shards, split, field)
+        assert sorted(held) == list(range(8))
+        assert sorted(c for _, own in held.values() for c in own) == list(range(num_clients))
+
+
 def test_state_is_created_sharded_and_chunks_do_not_recompile(sharded):
     result, _ = sharded()
     clients, everywhere = str(P(sharding.CLIENT_AXIS)), str(P())
-    for c in ("8", "3"):
+    for c in ("8", "3", "16"):
         got = result[c]
-        assert got["specs"] == {"clients": [clients], "server": [everywhere], "env": sorted([clients, everywhere])}
+        # Every leaf of the environment, example blocks included, is split over the devices.
+        assert got["specs"] == {"clients": [clients], "server": [everywhere], "env": [clients]}
     # One compilation serves every chunk of both populations (same padded shapes).
     assert result["8"]["new_traces"] == [1, 0]
     assert result["3"]["new_traces"] == [0, 0]
+    assert result["16"]["new_traces"] == [1, 0]  # other shapes
+
+
+def test_each_device_reads_only_its_own_block(sharded):
+    """No all-gather of the example blocks: the only collective is the server's all-reduce over clients."""
+    result, _ = sharded()
+    assert result["collectives"] == {"run_chunk": ["all-reduce"], "evaluate": ["all-reduce"]}
 
 
 def test_sweep_axis_can_be_sharded_too(sharded):

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fgn_jax import algorithms, simulate, testing
+from fgn_jax import algorithms, simulate, testing, training
 from tests.conftest import make_setup
 
 
@@ -54,6 +54,27 @@ def test_loop_execution_mode_matches_vmap():
         np.testing.assert_allclose(a["task_loss"], b["task_loss"], rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(a["task_weight"], b["task_weight"], rtol=1e-4, atol=1e-6)
     testing.assert_trees_allclose(s1.server.trunk, s2.server.trunk, rtol=1e-4, atol=1e-5)
+
+
+def test_client_groups_match_one_vmap():
+    # Groups of 2 clients (lax.map) over 5 clients: two full groups and a
+    # remainder of one, against all 5 in one vmap.
+    whole = make_setup(num_clients=5, client_batch=5)
+    grouped = make_setup(num_clients=5, client_batch=2)
+    assert (whole.sim.client_batch, grouped.sim.client_batch) == (5, 2)
+    s1, r1 = run(whole, whole.init(), 3)
+    s2, r2 = run(grouped, grouped.init(), 3)
+    for a, b in zip(r1, r2):
+        for key in ("task_loss", "grad_norm", "task_weight"):
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-7)
+    testing.assert_trees_allclose(s1.server.trunk, s2.server.trunk, rtol=1e-5, atol=1e-6)
+    testing.assert_trees_allclose(s1.clients, s2.clients, rtol=1e-5, atol=1e-6)
+
+
+def test_automatic_client_batch_is_about_256_examples():
+    assert training.auto_client_batch(64) == 4 and training.auto_client_batch(32) == 8
+    assert training.auto_client_batch(1000) == 1
+    assert make_setup(batch_size=16).sim.client_batch == 16  # --client_batch=0: automatic
 
 
 def test_fedrep_is_fedgradnorm_with_zero_weight_lr():

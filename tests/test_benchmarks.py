@@ -1,0 +1,100 @@
+"""Smoke tests of the benchmarks at toy size: the output structure and the values that could go wrong.
+
+Each runs the real entry point (``main``) in-process on a few clients and
+rounds; their time is compilation (tens of seconds on a shared 2-core CPU).
+"""
+
+import importlib.util
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from benchmarks import common, convergence, throughput
+
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+
+
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_throughput_toy(tmp_path):
+    rows = throughput.main(
+        ["--toy", "--setups=radcom:3:4,radcom:6:4", "--impls=vmap,loop,torch", f"--workdir={tmp_path}"]
+    )
+    on_disk = common.read_jsonl(os.path.join(tmp_path, "throughput.jsonl"))
+    assert [r["record"] for r in on_disk] == [r["record"] for r in rows]
+    assert rows[0]["record"] == "machine" and rows[0]["cores"] >= 1 and "load_1min" in rows[0]
+    assert rows[1]["record"] == "peak" and _positive(rows[1]["matmul_gflops"])
+    results = {(r["setup"], r["label"]): r for r in rows if r["record"] == "result"}
+    assert set(results) == {
+        ("radcom:3x4", "vmap"),
+        ("radcom:3x4", "loop"),
+        ("radcom:3x4", "torch/1t"),
+        ("radcom:6x4", "vmap"),
+        ("radcom:6x4", "loop"),
+        ("radcom:6x4", "torch/1t"),
+    }
+    # Above the (toy) caps, loop and PyTorch are reported, not run.
+    for label in ("loop", "torch/1t"):
+        assert results[("radcom:6x4", label)]["status"] == "not_run"
+        assert "max_clients" in results[("radcom:6x4", label)]["reason"]
+    vm, lp, pt = (results[("radcom:3x4", k)] for k in ("vmap", "loop", "torch/1t"))
+    for row in (vm, lp, results[("radcom:6x4", "vmap")]):
+        assert row["status"] == "ok"
+        for key in ("seconds_per_round", "client_steps_per_second", "model_gflop_per_round", "gflops_per_s"):
+            assert _positive(row[key]), (key, row[key])
+        assert 0 < row["fraction_of_peak"] < 2
+        assert row["compile_s"] >= 0 and _positive(row["peak_rss_gib"])
+        assert row["client_steps_per_second"] == pytest.approx(3 * row["num_clients"] / row["seconds_per_round"])
+    # Both execution modes run the same rounds from the same state.
+    assert len(vm["first_chunk_task_loss"]) == 2
+    np.testing.assert_allclose(vm["first_chunk_task_loss"], lp["first_chunk_task_loss"], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(vm["final_task_loss"], lp["final_task_loss"], rtol=1e-4, atol=1e-6)
+    assert _positive(vm["speedup_vs_loop"])
+    if HAS_TORCH:
+        assert pt["status"] == "ok" and _positive(pt["seconds_per_round"])
+        assert _positive(vm["speedup_vs_torch"]) and vm["torch_baseline"] == "torch/1t"
+    else:
+        assert pt["status"] == "not_run" and "torch" in pt["reason"]
+    assert os.path.getsize(os.path.join(tmp_path, "throughput.png")) > 0
+
+
+def test_parse_setups_rejects_unknown_trunk():
+    assert throughput.parse_setups("mtfl:32:64,radcom:8:4") == [("mtfl", 32, 64), ("radcom", 8, 4)]
+    with pytest.raises(ValueError, match="unknown trunk"):
+        throughput.parse_setups("resnet:4:4")
+
+
+def test_smooth_and_rounds_to_target_hand_computed():
+    curves = np.array([[[4.0], [2.0], [3.0], [1.0]]])  # one seed, four rounds, one task
+    np.testing.assert_allclose(convergence.smooth(curves, 2)[0, :, 0], [4.0, 3.0, 2.5, 2.0])
+    r = convergence.rounds_to_target(np.array([[[3.0, 5.0], [2.0, 5.0], [1.0, 5.0]]]), np.array([2.0, 4.0]))
+    assert r[0, 0] == 2 and np.isnan(r[0, 1])  # task 0 reaches 2.0 in round 2; task 1 never reaches 4.0
+
+
+def test_convergence_toy(tmp_path):
+    settings = convergence.main(["--toy", "--balances=balanced", f"--workdir={tmp_path}"])
+    records = common.read_jsonl(os.path.join(tmp_path, "convergence.jsonl"))
+    assert [r["record"] for r in records] == ["machine", "setting"]
+    (setting,) = settings
+    assert json.loads(json.dumps(setting)) == records[1]  # what is returned is what is written
+    a = setting["analysis"]
+    k, seeds, rounds = len(a["task_names"]), setting["seeds"], setting["rounds"]
+    assert a["task_names"] == ["modulation", "signal", "anomaly"] and seeds == [0, 1] and rounds == 4
+    # The target lies between the round-0 loss and FedRep's final loss.
+    for start, end, target in zip(a["start_loss"], a["fedrep_end_loss"], a["target_loss"]):
+        assert min(start, end) <= target <= max(start, end)
+    for algorithm in convergence.ALGORITHMS:
+        alg = a[algorithm]
+        assert alg["runner"] in ("sweep", "sequential")
+        for per_seed in alg["rounds_to_target_per_seed"]:
+            assert len(per_seed) == k and all(r is None or 1 <= r <= rounds for r in per_seed)
+        assert all(0 <= n <= len(seeds) for n in alg["rounds_to_target"]["reached"])
+        assert all(0 <= m <= 1 for m in alg["final_test_metric"]["mean"])  # accuracies
+        assert sum(alg["final_task_weight"]) == pytest.approx(k, rel=1e-4)
+    assert a["fedrep"]["final_task_weight"] == [1.0] * k
+    assert os.path.getsize(os.path.join(tmp_path, "convergence_synthetic_radcom_balanced.png")) > 0
