@@ -179,11 +179,15 @@ class Conv(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        window = tuple(self.window)
-        cin = x.shape[-1]
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), (*window, cin, self.features), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        kernel, bias = _conv_params(self, x.shape[-1])
         return convolve(x, kernel, self.impl) + bias
+
+
+def _conv_params(module: nn.Module, cin: int) -> tuple[jax.Array, jax.Array]:
+    """``kernel [*window, cin, features]`` (LeCun normal) and ``bias [features]`` (zeros) of a conv module."""
+    shape = (*tuple(module.window), cin, module.features)
+    kernel = module.param("kernel", nn.initializers.lecun_normal(), shape, jnp.float32)
+    return kernel, module.param("bias", nn.initializers.zeros, (module.features,), jnp.float32)
 
 
 def convolve(x: jax.Array, kernel: jax.Array, impl: str) -> jax.Array:
@@ -214,10 +218,7 @@ class ConvBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        window = tuple(self.window)
-        cin = x.shape[-1]
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), (*window, cin, self.features), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        kernel, bias = _conv_params(self, x.shape[-1])
         y = convolve(x, kernel, self.impl)
         if self.pool == 1:
             return nn.relu(y + bias)

@@ -3,6 +3,7 @@
 import dataclasses
 
 import jax
+import numpy as np
 import pytest
 
 from fgn_jax import simulate, training
@@ -49,3 +50,15 @@ def make_setup(**overrides) -> Setup:
 @pytest.fixture
 def tiny_setup():
     return make_setup
+
+
+def run_alone(setup: Setup):
+    """A whole run of ``setup`` through the single-run programs: ``(final state, rows as in metrics.jsonl)``."""
+    state, rows = setup.init(), []
+    while int(state.server.round) < setup.config.rounds:
+        state, m = setup.sim.run_chunk(state, setup.env, setup.hparams, setup.config.rounds)
+        rows += simulate.metrics_rows(m)
+        if int(state.server.round) % setup.config.eval_every == 0:
+            ev = setup.sim.evaluate(state, setup.env, setup.hparams)
+            rows[-1].update({k: np.asarray(v).tolist() for k, v in ev.items()})
+    return state, rows

@@ -10,8 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from fgn_jax import sharding, simulate, sweep, training
-from tests.conftest import make_setup, tiny_config
+from fgn_jax import sharding, sweep, training
+from tests.conftest import make_setup, run_alone, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GRID = {"seed": [0, 1], "alpha": [0.5, 1.5]}
@@ -20,14 +20,7 @@ SMALL = dict(num_clients=3, tau_head=1, tau_shared=1)  # also test_multihost.py'
 
 def single_run(**overrides):
     """One configuration alone, through the single-run programs; rows as in metrics.jsonl."""
-    setup = make_setup(**SMALL, **overrides)
-    state, rows = setup.init(), []
-    while int(state.server.round) < setup.config.rounds:
-        state, m = setup.sim.run_chunk(state, setup.env, setup.hparams, setup.config.rounds)
-        rows += simulate.metrics_rows(m)
-        if int(state.server.round) % setup.config.eval_every == 0:
-            ev = setup.sim.evaluate(state, setup.env, setup.hparams)
-            rows[-1].update({k: np.asarray(v).tolist() for k, v in ev.items()})
+    state, rows = run_alone(make_setup(**SMALL, **overrides))
     return rows, np.asarray(state.server.gradnorm.task_weights)
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from fgn_jax import checkpoint, sharding, simulate, sweep, training, workdir
-from tests.conftest import make_setup
+from tests.conftest import make_setup, run_alone
 from tests.test_sweep import SMALL
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -80,13 +80,7 @@ def single():
     out = {}
     for lr in GRID["client_lr"]:
         setup = make_setup(**TINY_RUN, client_lr=lr)
-        state, rows = setup.init(), []
-        while int(state.server.round) < setup.config.rounds:
-            state, m = setup.sim.run_chunk(state, setup.env, setup.hparams, setup.config.rounds)
-            rows += simulate.metrics_rows(m)
-            if int(state.server.round) % setup.config.eval_every == 0:
-                ev = setup.sim.evaluate(state, setup.env, setup.hparams)
-                rows[-1].update({k: np.asarray(v).tolist() for k, v in ev.items()})
+        _, rows = run_alone(setup)
         problem = training.first_nonfinite(rows, list(setup.dataset.task_names))
         bad = None if problem is None else int(problem.split(":")[0].split()[1])
         before = None
