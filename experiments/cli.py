@@ -9,7 +9,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+import sys
+from typing import Callable, NamedTuple
 
 from absl import flags
 
@@ -27,6 +28,25 @@ def define_config_flags() -> dict[str, flags.FlagHolder]:
         )
         holders[field.name] = define(field.name, default, f"See fgn_jax.training.ExperimentConfig.{field.name}.")
     return holders
+
+
+def run_or_exit(run: Callable[[], object]) -> None:
+    """Runs an entry point's work; known failures print one line and exit.
+
+    Exit codes: 2 for bad flags or inputs (``training.USER_ERRORS``), 3 for a
+    divergence, 128 + N when stopped by signal N (after checkpointing).
+    """
+    try:
+        run()
+    except training.USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except training.Diverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)
+    except training.Interrupted as e:
+        print(str(e), file=sys.stderr)
+        sys.exit(128 + e.signum)
 
 
 def config_from_flags(holders: dict[str, flags.FlagHolder]) -> training.ExperimentConfig:

@@ -60,8 +60,8 @@ def main(argv):
     if len(argv) > 1:
         sys.exit(f"unexpected arguments: {' '.join(argv[1:])}")
     cli.maybe_initialize_distributed(_DISTRIBUTED)  # before anything touches the devices
-    try:
-        sweep.run_sweep(
+    cli.run_or_exit(
+        lambda: sweep.run_sweep(
             cli.config_from_flags(_FLAGS),
             _values(),
             _WORKDIR.value,
@@ -69,15 +69,7 @@ def main(argv):
             on_divergence=_ON_DIVERGENCE.value,
             overwrite=_OVERWRITE.value,
         )
-    except training.USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except training.Diverged as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(3)
-    except training.Interrupted as e:
-        print(str(e), file=sys.stderr)
-        sys.exit(128 + e.signum)
+    )
 
 
 if __name__ == "__main__":

@@ -30,17 +30,7 @@ def main(argv):
         sys.exit(f"unexpected arguments: {' '.join(argv[1:])}")
     cli.maybe_initialize_distributed(_DISTRIBUTED)  # before anything touches the devices
     config = cli.config_from_flags(_FLAGS)
-    try:
-        training.train_and_evaluate(config, _WORKDIR.value, overwrite=_OVERWRITE.value)
-    except training.USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except training.Diverged as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(3)
-    except training.Interrupted as e:
-        print(str(e), file=sys.stderr)
-        sys.exit(128 + e.signum)
+    cli.run_or_exit(lambda: training.train_and_evaluate(config, _WORKDIR.value, overwrite=_OVERWRITE.value))
 
 
 if __name__ == "__main__":

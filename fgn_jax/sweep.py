@@ -413,10 +413,9 @@ def run_sweep(
                     bad = np.flatnonzero(mine["diverged"])
                     if bad.size:
                         row = _bad_row(mine, bad[0])
-                        problem = training.first_nonfinite([row], task_names) or (
-                            f"round {row['round']}: the state after the round has a NaN/Inf (its metrics are finite)"
-                        )
-                        new[i] = (row["round"], problem)
+                        found = training.first_nonfinite([row], task_names)
+                        state_only = "the state after the round has a NaN/Inf (its metrics are finite)"
+                        new[i] = found or (row["round"], f"round {row['round']}: {state_only}")
                 if new and on_divergence == "stop":
                     i = min(new, key=lambda i: (new[i][0], i))
                     if writer:

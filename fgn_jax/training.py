@@ -289,13 +289,13 @@ class Interrupted(RuntimeError):
         self.signum = signum
 
 
-def first_nonfinite(rows: list[dict], task_names: list[str]) -> str | None:
-    """Describes the first NaN/Inf in the rows (round, task, quantity), if any."""
+def first_nonfinite(rows: list[dict], task_names: list[str]) -> tuple[int, str] | None:
+    """The first NaN/Inf in the rows, if any: its round and a description (round, task, quantity)."""
     for row in rows:
         for quantity in ("task_loss", "grad_norm", "task_weight"):
             for name, value in zip(task_names, row[quantity]):
                 if not math.isfinite(value):
-                    return f"round {row['round']}: {quantity} of task {name!r} is {value}"
+                    return row["round"], f"round {row['round']}: {quantity} of task {name!r} is {value}"
     return None
 
 
@@ -422,7 +422,8 @@ def train_and_evaluate(
                 compile_s = time.time() - t0
             problem = first_nonfinite(chunk_rows, task_names)
             if problem is not None:
-                good = [r for r in chunk_rows if r["round"] < int(problem.split(":")[0].split()[1])]
+                bad_round, problem = problem
+                good = [r for r in chunk_rows if r["round"] < bad_round]
                 if is_writer:
                     workdir_lib.append_metrics(workdir, good)
                 last_good = max(ckpt.steps(), default=None)

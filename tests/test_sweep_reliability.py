@@ -82,7 +82,7 @@ def single():
         setup = make_setup(**TINY_RUN, client_lr=lr)
         _, rows = run_alone(setup)
         problem = training.first_nonfinite(rows, list(setup.dataset.task_names))
-        bad = None if problem is None else int(problem.split(":")[0].split()[1])
+        bad = None if problem is None else problem[0]
         before = None
         if bad is not None:  # the state after round bad - 1, through the chunk's stop_round
             before = setup.init()
