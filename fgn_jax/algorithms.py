@@ -33,7 +33,7 @@ vmaps (or loops) it over the client axis in exactly one place.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 from flax import struct
 import flax.linen as nn
@@ -41,12 +41,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fgn_jax import gradnorm as gradnorm_lib
-from fgn_jax import models, optimizers
+from fgn_jax import aggregation as aggregation_lib
+from fgn_jax import models, optimizers, weightings
 from fgn_jax import tasks as tasks_lib
 from fgn_jax.types import Params, PRNGKey
+from fgn_jax.weightings import base as weighting_base
 
 ALGORITHMS = ("fedgradnorm", "fedrep")
+# The weighting each algorithm name stands for (``--weighting`` overrides it).
+WEIGHTING_OF_ALGORITHM = {"fedgradnorm": "gradnorm", "fedrep": "equal"}
 
 
 @struct.dataclass
@@ -79,10 +82,22 @@ class AlgorithmConfig:
     client_optimizer: str = "sgd"
     server_optimizer: str = "sgd"
     weight_eps: float = 1e-3
+    weighting: str = ""  # "": the algorithm's own (WEIGHTING_OF_ALGORITHM)
+    aggregation: str = "ideal"
 
     def __post_init__(self):
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"unknown algorithm {self.algorithm!r}; choose one of {ALGORITHMS}")
+        if self.weighting_name not in weightings.WEIGHTINGS:
+            raise ValueError(f"unknown weighting {self.weighting!r}; choose one of {weightings.WEIGHTINGS}")
+        if self.aggregation not in aggregation_lib.AGGREGATIONS:
+            raise ValueError(
+                f"unknown aggregation {self.aggregation!r}; choose one of {tuple(aggregation_lib.AGGREGATIONS)}"
+            )
+
+    @property
+    def weighting_name(self) -> str:
+        return self.weighting or WEIGHTING_OF_ALGORITHM[self.algorithm]
 
 
 @struct.dataclass
@@ -119,7 +134,7 @@ class ClientState:
 class ServerState:
     trunk: Params
     opt_state: optax.OptState
-    gradnorm: gradnorm_lib.GradNormState
+    weighting: Any  # the weighting method's state (fgn_jax.weightings)
     round: jax.Array  # [] int32, rounds completed
 
 
@@ -134,9 +149,9 @@ class FederatedAlgorithm(NamedTuple):
 
     ``init_server(key)``, ``init_client(key)`` build fresh states;
     ``client_update(trunk, client_state, info, data, key)`` is one client's
-    round (unbatched); ``server_update(server_state, outputs, infos)`` takes
-    the client outputs stacked on a leading axis and returns the new server
-    state and the round's metrics.
+    round (unbatched); ``server_update(server_state, outputs, infos, key)``
+    takes the client outputs stacked on a leading axis and returns the new
+    server state and the round's metrics.
     """
 
     init_server: Callable
@@ -164,9 +179,9 @@ def build(config: AlgorithmConfig, hparams: HParams, input_shape: tuple[int, ...
     head_model = models.Head(config.max_outputs)
     client_tx = optimizers.make(config.client_optimizer, hparams.client_lr)
     server_tx = optimizers.make(config.server_optimizer, hparams.server_lr)
-    # FedRep keeps p = 1: no weight step at all (equivalently, weight_lr = 0).
-    weight_lr = hparams.weight_lr if config.algorithm == "fedgradnorm" else 0.0
-    gradnorm_tx = gradnorm_lib.gradnorm(hparams.alpha, weight_lr, eps=config.weight_eps)
+    # The two seams the round calls: how tasks are weighted, how updates are aggregated.
+    weighting = weightings.make(config.weighting_name, hparams, eps=config.weight_eps)
+    aggregator = aggregation_lib.AGGREGATIONS[config.aggregation]()
 
     def features(trunk, x):
         return trunk_model.apply(trunk, x)
@@ -179,7 +194,7 @@ def build(config: AlgorithmConfig, hparams: HParams, input_shape: tuple[int, ...
         return ServerState(
             trunk=trunk,
             opt_state=server_tx.init(trunk),
-            gradnorm=gradnorm_tx.init(config.num_tasks),
+            weighting=weighting.init(config.num_tasks),
             round=jnp.zeros((), jnp.int32),
         )
 
@@ -237,24 +252,39 @@ def build(config: AlgorithmConfig, hparams: HParams, input_shape: tuple[int, ...
         delta = jax.tree.map(jnp.subtract, local, trunk)
         return ClientState(head, head_opt_state), ClientOutput(delta, loss, grad_norm)
 
-    def server_update(server: ServerState, outputs: ClientOutput, infos: ClientInfo):
-        weights = server.gradnorm.task_weights
-        # [C, T] membership of each (real) client in each task.
+    def server_update(server: ServerState, outputs: ClientOutput, infos: ClientInfo, key: PRNGKey):
+        k_weights, k_channel = jax.random.split(key)
+        # [C, T] membership of each used client in each task (padding and
+        # clients that did not report have mask 0).
         member = jax.nn.one_hot(infos.task_index, config.num_tasks) * infos.mask[:, None]
+        count = jnp.sum(member, axis=0)
+        present = count > 0
+        per_task = lambda v: member.T @ v / jnp.maximum(count, 1.0)  # noqa: E731
+        task_loss, task_grad_norm = per_task(outputs.loss), per_task(outputs.grad_norm)
+        # 5. This round's task weights (from this round's per-task updates for
+        # the methods that need them), then the weighted aggregation.
+        gram = None
+        if weighting.needs_task_updates:
+            task_updates = jax.tree.map(
+                lambda d: (
+                    jnp.tensordot(member.T, d, axes=1) / jnp.maximum(count, 1.0).reshape((-1,) + (1,) * (d.ndim - 1))
+                ),
+                outputs.delta,
+            )
+            gram = weighting_base.task_gram(task_updates)
+        weights = weighting.weights(server.weighting, weighting_base.RoundInputs(k_weights, present, gram))
         client_weight = infos.mask * weights[infos.task_index]
-        num_real = jnp.sum(infos.mask)
-        # 5. Weighted aggregation; the server optimiser gets -delta as a gradient.
-        delta = jax.tree.map(lambda d: jnp.tensordot(client_weight, d, axes=1) / num_real, outputs.delta)
+        delta, report = aggregator.aggregate(outputs.delta, client_weight, infos, k_channel)
+        # The server optimiser gets -delta as a gradient.
         neg = jax.tree.map(jnp.negative, delta)
         updates, opt_state = server_tx.update(neg, server.opt_state, server.trunk)
         trunk = optax.apply_updates(server.trunk, updates)
-        # 6. Per-task means over each task's clients, then the GradNorm step.
-        count = jnp.maximum(jnp.sum(member, axis=0), 1.0)
-        task_loss = member.T @ outputs.loss / count
-        task_grad_norm = member.T @ outputs.grad_norm / count
-        _, gn_state = gradnorm_tx.update(task_loss, task_grad_norm, server.gradnorm)
+        # 6. The weighting's step (GradNorm: on per-task means over each task's clients).
+        task_gain = per_task(report.gain)
+        stats = weighting_base.TaskStats(task_loss, task_grad_norm, present, task_gain, weights)
+        new_weighting = weighting.update(server.weighting, stats)
         metrics = {"task_loss": task_loss, "grad_norm": task_grad_norm, "task_weight": weights}
-        new_server = ServerState(trunk=trunk, opt_state=opt_state, gradnorm=gn_state, round=server.round + 1)
+        new_server = ServerState(trunk=trunk, opt_state=opt_state, weighting=new_weighting, round=server.round + 1)
         return new_server, metrics
 
     return FederatedAlgorithm(init_server, init_client, client_update, server_update, trunk_model, head_model)

@@ -14,6 +14,12 @@ default plain gradient descent) on ``dL_grad/dp`` computed with ``jax.grad``,
 is clamped to ``eps`` and renormalised to sum to ``T``. ``L_k(0)`` is the loss
 of the first update (round 0).
 
+Partial participation: a task absent from a round (``present[k]`` False: no
+client of it reported) keeps its weight and is left out of that round's step:
+``Gbar`` and the mean loss ratio are taken over the present tasks, and only
+the present weights are renormalised (to ``T`` minus the absent weights). Its
+``L_k(0)`` is the loss of the first round it is present in.
+
 Since ``G_k`` is linear in ``p_k``, ``dL_grad/dp_k = sign(G_k - target_k) g_k``.
 ``jax.grad(jnp.abs)`` is ``+1`` at 0, which would push weights off an exact
 fixed point; we write ``|x|`` as ``x * sign(stop_gradient(x))`` so that the
@@ -41,7 +47,8 @@ import optax
 class GradNormState(NamedTuple):
     count: jax.Array  # [] int32, number of updates taken
     task_weights: jax.Array  # [T] float32, p (non-negative, sums to T)
-    initial_losses: jax.Array  # [T] float32, L_k(0); zeros before the first update
+    initial_losses: jax.Array  # [T] float32, L_k(0); zeros before the task's first update
+    has_initial: jax.Array  # [T] bool, L_k(0) recorded (the task was present in an update)
     weight_opt_state: optax.OptState  # state of the optimiser of p
 
 
@@ -54,7 +61,13 @@ def _abs_with_zero_subgradient(x: jax.Array) -> jax.Array:
     return x * jnp.sign(jax.lax.stop_gradient(x))
 
 
-def gradnorm_loss(weights: jax.Array, grad_norms: jax.Array, loss_ratios: jax.Array, alpha: jax.Array) -> jax.Array:
+def gradnorm_loss(
+    weights: jax.Array,
+    grad_norms: jax.Array,
+    loss_ratios: jax.Array,
+    alpha: jax.Array,
+    present: jax.Array | None = None,
+) -> jax.Array:
     """``L_grad(p)``: the gradient-norm loss of DESIGN.md section 2.
 
     Args:
@@ -62,15 +75,21 @@ def gradnorm_loss(weights: jax.Array, grad_norms: jax.Array, loss_ratios: jax.Ar
       grad_norms: ``[T]`` unweighted gradient norms g_k.
       loss_ratios: ``[T]`` ``L_k(t) / L_k(0)``.
       alpha: restoring-force strength (0 equalises the weighted norms).
+      present: ``[T]`` bool, the tasks taking part (None: all); the others
+        are left out of the means and the sum.
 
     Returns:
       The scalar loss; its gradient in ``weights`` is the GradNorm direction.
     """
-    g_weighted = weights * grad_norms
-    g_mean = jnp.mean(g_weighted)
-    r = loss_ratios / jnp.mean(loss_ratios)
+    if present is None:
+        present = jnp.ones(weights.shape, bool)
+    n = jnp.maximum(jnp.sum(present), 1)
+    g_weighted = jnp.where(present, weights * grad_norms, 0.0)
+    ratios = jnp.where(present, loss_ratios, 1.0)
+    g_mean = jnp.sum(g_weighted) / n
+    r = ratios / (jnp.sum(jnp.where(present, ratios, 0.0)) / n)
     target = jax.lax.stop_gradient(g_mean * r**alpha)
-    return jnp.sum(_abs_with_zero_subgradient(g_weighted - target))
+    return jnp.sum(jnp.where(present, _abs_with_zero_subgradient(g_weighted - target), 0.0))
 
 
 def gradnorm(
@@ -89,9 +108,9 @@ def gradnorm(
       eps: lower clamp of each weight before renormalisation (keeps p > 0).
 
     Returns:
-      ``GradNorm(init, update)``; ``update(task_losses, task_grad_norms, state)``
-      returns the new weights and state. On the first update it records
-      ``task_losses`` as ``L(0)``.
+      ``GradNorm(init, update)``; ``update(task_losses, task_grad_norms, state,
+      present=None)`` returns the new weights and state. A task's first
+      update (the first it is present in) records its loss as ``L_k(0)``.
     """
     if weight_optimizer is None:
         if learning_rate is None:
@@ -104,18 +123,28 @@ def gradnorm(
             count=jnp.zeros((), jnp.int32),
             task_weights=weights,
             initial_losses=jnp.zeros((num_tasks,), jnp.float32),
+            has_initial=jnp.zeros((num_tasks,), bool),
             weight_opt_state=weight_optimizer.init(weights),
         )
 
-    def update(task_losses, task_grad_norms, state):
+    def update(task_losses, task_grad_norms, state, present=None):
         num_tasks = state.task_weights.shape[0]
-        initial = jnp.where(state.count == 0, task_losses, state.initial_losses)
-        ratios = task_losses / initial
-        grad = jax.grad(gradnorm_loss)(state.task_weights, task_grad_norms, ratios, alpha)
+        present = jnp.ones((num_tasks,), bool) if present is None else jnp.asarray(present, bool)
+        record = present & ~state.has_initial
+        initial = jnp.where(record, task_losses, state.initial_losses)
+        ratios = jnp.where(present, task_losses / jnp.where(present, initial, 1.0), 1.0)
+        grad = jax.grad(gradnorm_loss)(state.task_weights, task_grad_norms, ratios, alpha, present)
         updates, opt_state = weight_optimizer.update(grad, state.weight_opt_state, state.task_weights)
-        weights = optax.apply_updates(state.task_weights, updates)
-        weights = jnp.maximum(weights, eps)
-        weights = num_tasks * weights / jnp.sum(weights)
-        return weights, GradNormState(state.count + 1, weights, initial, opt_state)
+        moved = jnp.maximum(optax.apply_updates(state.task_weights, updates), eps)
+        # Absent tasks keep their weight; the present ones share what is left of T.
+        kept = jnp.sum(jnp.where(present, 0.0, state.task_weights))
+        weights = jnp.where(
+            present, (num_tasks - kept) * moved / jnp.sum(jnp.where(present, moved, 0.0)), state.task_weights
+        )
+        any_present = jnp.any(present)
+        weights = jnp.where(any_present, weights, state.task_weights)
+        opt_state = jax.tree.map(lambda new, old: jnp.where(any_present, new, old), opt_state, state.weight_opt_state)
+        count = state.count + any_present.astype(state.count.dtype)
+        return weights, GradNormState(count, weights, initial, state.has_initial | present, opt_state)
 
     return GradNorm(init, update)

@@ -174,6 +174,15 @@ def _client_keys(key: PRNGKey, round_index, client_ids) -> jax.Array:
     return jax.vmap(lambda i: jax.random.fold_in(round_key, i))(client_ids)
 
 
+# The server's randomness of a round (weighting draws, channel) comes from
+# the round key folded with this id, which no client slot ever has.
+SERVER_STREAM = 2**31 - 1
+
+
+def _server_key(key: PRNGKey, round_index) -> jax.Array:
+    return jax.random.fold_in(jax.random.fold_in(key, round_index), SERVER_STREAM)
+
+
 # Number of times each Simulation's round chunk was traced (compiled); tests
 # use it to prove that later chunks reuse the first compilation.
 trace_counts: collections.Counter = collections.Counter()
@@ -258,7 +267,8 @@ class Simulation:
         clients, outputs = self._per_device(self._update_clients)(
             state.server.trunk, state.clients, env.info, env.data, keys, hparams
         )
-        server, metrics = self.algorithm(hparams).server_update(state.server, outputs, env.info)
+        server_key = _server_key(state.key, state.server.round)
+        server, metrics = self.algorithm(hparams).server_update(state.server, outputs, env.info, server_key)
         return SimState(server=server, clients=clients, key=state.key), metrics
 
     def _update_clients(self, trunk, clients, info, data, keys, hparams):
@@ -339,8 +349,8 @@ class Simulation:
     def _one_client(self, trunk, client, info, data, key, hparams):
         return self.algorithm(hparams).client_update(trunk, client, info, data, key)
 
-    def _server(self, server, outputs, infos, hparams):
-        return self.algorithm(hparams).server_update(server, outputs, infos)
+    def _server(self, server, outputs, infos, key, hparams):
+        return self.algorithm(hparams).server_update(server, outputs, infos, key)
 
     def _run_chunk_loop(self, state, env, hparams, stop_round):
         rows = []
@@ -359,7 +369,8 @@ class Simulation:
                 new_clients.append(client)
                 outputs.append(out)
             stack = lambda xs: jax.tree.map(lambda *a: jnp.stack(a), *xs)  # noqa: E731
-            server, metrics = _jit_server(self, state.server, stack(outputs), env.info, hparams)
+            server_key = _server_key(state.key, round_index)
+            server, metrics = _jit_server(self, state.server, stack(outputs), env.info, server_key, hparams)
             state = SimState(server=server, clients=stack(new_clients), key=state.key)
             metrics["round"] = jnp.asarray(round_index)
             metrics["active"] = jnp.asarray(True)

@@ -460,7 +460,6 @@ def run_sweep(
                         stop.signum,
                     )
 
-    final_weights = _fetch(state.server.gradnorm.task_weights, mesh)
     results = []
     for i, (name, config) in enumerate(zip(names, configs)):
         evals = [r for r in rows[i] if "test_metric" in r]
@@ -471,7 +470,8 @@ def run_sweep(
                 "diverged_round": diverged[i][0] if i in diverged else None,
                 "divergence": diverged[i][1] if i in diverged else None,
                 "final_task_loss": rows[i][-1]["task_loss"] if rows[i] else None,
-                "final_task_weight": [float(v) for v in final_weights[i]],
+                # The weights applied in the configuration's last (good) round.
+                "final_task_weight": rows[i][-1]["task_weight"] if rows[i] else None,
                 "final_test_loss": evals[-1]["test_loss"] if evals else None,
                 "final_test_metric": evals[-1]["test_metric"] if evals else None,
             }

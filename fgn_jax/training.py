@@ -469,7 +469,8 @@ def train_and_evaluate(
         "rounds": done,
         "task_names": task_names,
         "final_task_loss": rows[-1]["task_loss"] if rows else None,
-        "final_task_weight": [float(v) for v in jax.device_get(state.server.gradnorm.task_weights)],
+        # The weights applied in the last round (every weighting method has them).
+        "final_task_weight": rows[-1]["task_weight"] if rows else None,
         **({"final_test_loss": evals[-1]["test_loss"], "final_test_metric": evals[-1]["test_metric"]} if evals else {}),
         "first_task_loss": rows[0]["task_loss"] if rows else None,
         "wall_time_s": time.time() - start,

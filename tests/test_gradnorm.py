@@ -41,7 +41,9 @@ def test_hand_computed_three_tasks():
     # r = [0.75, 1.5, 0.75]. alpha = 1, p = 1, g = [1, 2, 3]: G = [1, 2, 3],
     # mean 2, targets [1.5, 3, 1.5], signs [-1, -1, +1] -> grad [-1, -2, +3].
     # lr 0.1: p = [1.1, 1.2, 0.7], which already sums to 3.
-    state = tx.init(3)._replace(initial_losses=jnp.array([1.0, 2.0, 4.0]), count=jnp.array(1))
+    state = tx.init(3)._replace(
+        initial_losses=jnp.array([1.0, 2.0, 4.0]), has_initial=jnp.ones(3, bool), count=jnp.array(1)
+    )
     weights, state = tx.update(jnp.array([0.5, 2.0, 2.0]), jnp.array([1.0, 2.0, 3.0]), state)
     np.testing.assert_allclose(weights, [1.1, 1.2, 0.7], rtol=1e-6)
     assert int(state.count) == 2

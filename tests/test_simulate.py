@@ -36,7 +36,7 @@ def test_vmap_equals_python_loop_over_clients():
             clients.append(cs)
             outs.append(out)
         stack = lambda xs: jax.tree.map(lambda *a: jnp.stack(a), *xs)
-        server, metrics = server_update(ref.server, stack(outs), setup.env.info)
+        server, metrics = server_update(ref.server, stack(outs), setup.env.info, simulate._server_key(ref.key, r))
         np.testing.assert_allclose(rows[r]["task_loss"], metrics["task_loss"], rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(rows[r]["grad_norm"], metrics["grad_norm"], rtol=1e-4, atol=1e-6)
         ref = simulate.SimState(server=server, clients=stack(clients), key=ref.key)
@@ -145,13 +145,13 @@ def test_server_update_hand_computed():
     setup = make_setup(client_tasks="0,1,2")
     alg = setup.sim.algorithm(algorithms.HParams.create(0.1, 0.5, 1.0, 0.0))
     server = alg.init_server(jax.random.key(0))
-    server = server.replace(gradnorm=server.gradnorm._replace(task_weights=jnp.array([2.0, 0.5, 0.5])))
+    server = server.replace(weighting=server.weighting._replace(task_weights=jnp.array([2.0, 0.5, 0.5])))
     deltas = jax.tree.map(
         lambda t: jnp.stack([jnp.ones_like(t), 2 * jnp.ones_like(t), -4 * jnp.ones_like(t)]), server.trunk
     )
     out = algorithms.ClientOutput(delta=deltas, loss=jnp.array([1.0, 2.0, 3.0]), grad_norm=jnp.array([4.0, 5.0, 6.0]))
     info = dataclasses.replace(setup.env.info, task_index=jnp.array([0, 1, 0]))
-    new, metrics = alg.server_update(server, out, info)
+    new, metrics = alg.server_update(server, out, info, jax.random.key(1))
     # delta = (2*1 + 0.5*2 + 2*(-4)) / 3 = -5/3; server SGD lr 0.5 -> theta - 5/6.
     testing.assert_trees_allclose(new.trunk, jax.tree.map(lambda t: t - 5.0 / 6.0, server.trunk), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(metrics["task_loss"], [2.0, 2.0, 0.0])  # task 2 has no client here

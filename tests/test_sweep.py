@@ -21,7 +21,7 @@ SMALL = dict(num_clients=3, tau_head=1, tau_shared=1)  # also test_multihost.py'
 def single_run(**overrides):
     """One configuration alone, through the single-run programs; rows as in metrics.jsonl."""
     state, rows = run_alone(make_setup(**SMALL, **overrides))
-    return rows, np.asarray(state.server.gradnorm.task_weights)
+    return rows, np.asarray(rows[-1]["task_weight"])  # the weights applied in the last round
 
 
 def read_jsonl(path):
