@@ -24,6 +24,13 @@ all tasks have reached it, and the final held-out metrics. Whichever way it
 comes out: FedGradNorm balances the tasks' relative progress, which need not
 make every task faster.
 
+Reference points (``--references``, default ``local,centralized``): the
+same seeds trained by each client alone (``--algorithm=local``) and on the
+union of the clients' data (``--algorithm=centralized``); their final
+held-out metrics sit beside the two methods' and a per-task ``ordering``
+says whether ``local < FedRep <= FedGradNorm <= centralized`` holds (in each
+metric's direction, on the seed means) or where it breaks.
+
 Output in ``--workdir``: a table on the terminal, ``convergence.jsonl`` (one
 ``machine`` record, one ``setting`` record per dataset and balance) and
 ``convergence_<dataset>_<balance>.png`` (loss curves with the target, and
@@ -44,9 +51,12 @@ from typing import Sequence
 import numpy as np
 
 from benchmarks import common
-from fgn_jax import sweep, training
+from fgn_jax import baselines, sweep, training
 
 ALGORITHMS = ("fedrep", "fedgradnorm")
+REFERENCES = ("local", "centralized")
+# The expected order of the final held-out metrics, worst to best.
+ORDER = ("local", "fedrep", "fedgradnorm", "centralized")
 BALANCES = ("balanced", "imbalanced")
 DATASETS = ("synthetic_mtfl", "synthetic_radcom")
 
@@ -161,6 +171,27 @@ def analyse(rep: Runs, gn: Runs, window: int, fraction: float) -> dict:
     return out
 
 
+def ordering(final_metric: dict[str, Sequence[float]], metrics: Sequence[str]) -> list[str]:
+    """Per task: "holds" if the mean final metrics improve along :data:`ORDER`, else the pairs out of order.
+
+    ``final_metric``: algorithm -> per-task mean final held-out metric (the
+    algorithms present); ``metrics``: each task's metric name (its direction).
+    A tie (FedRep = FedGradNorm, FedGradNorm = centralized) counts as in order;
+    local must be strictly worse than FedRep.
+    """
+    present = [a for a in ORDER if a in final_metric]
+    out = []
+    for k, metric in enumerate(metrics):
+        sign = 1.0 if baselines.HIGHER_IS_BETTER[metric] else -1.0
+        broken = []
+        for worse, better in zip(present, present[1:]):
+            a, b = sign * final_metric[worse][k], sign * final_metric[better][k]
+            if (a >= b) if worse == "local" else (a > b):
+                broken.append(f"{worse} {'ties or beats' if worse == 'local' and a == b else 'beats'} {better}")
+        out.append("holds" if not broken else "; ".join(broken))
+    return out
+
+
 def _pm(stats: dict, i: int, spec: str = ".1f") -> str:
     mean, std = stats["mean"][i], stats["std"][i]
     if mean is None:
@@ -200,6 +231,16 @@ def table(settings: list[dict]) -> str:
             f"{'all tasks':<12}{'':>8}{_pm(rep['rounds_all_tasks'], 0):>16}{_pm(gn['rounds_all_tasks'], 0):>16}"
             f"{'-' if ratio is None else format(ratio, '.2f'):>7}"
         )
+        refs = a.get("references", {})
+        if refs:
+            lines.append("final held-out metric, reference points beside the methods:")
+            head = (
+                f"{'task':<12}" + "".join(f"{name:>16}" for name in ORDER if name in refs or name in a) + "  ordering"
+            )
+            lines += [head, "-" * len(head)]
+            for i, task in enumerate(a["task_names"]):
+                cells = [_pm((refs.get(name) or a[name]["final_test_metric"]), i, ".3f") for name in ORDER]
+                lines.append(f"{task:<12}" + "".join(f"{c:>16}" for c in cells) + f"  {a['ordering'][i]}")
     return "\n".join(lines)
 
 
@@ -265,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--smooth", type=int, default=5, help="trailing-mean window of the loss curves (rounds)")
     p.add_argument("--fraction", type=float, default=0.9, help="target: this fraction of FedRep's loss reduction")
     p.add_argument("--runner", default="sweep", choices=("sweep", "sequential"))
+    p.add_argument("--references", default=",".join(REFERENCES), help="reference algorithms to run ('' for none)")
     p.add_argument("--conv_impl", default="", help="'' keeps experiments/train.py's default")
     p.add_argument("--examples_per_client", type=int, default=0, help="0: experiments/train.py's default")
     p.add_argument("--test_examples_per_client", type=int, default=0, help="0: experiments/train.py's default")
@@ -302,7 +344,21 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                 print(f"{dataset} {balance}: {algorithm}, {len(seeds)} seeds x {rounds} rounds ...", flush=True)
                 workdir = os.path.join(args.workdir, dataset, balance, algorithm)
                 runs[algorithm] = run_seeds(config, seeds, args.runner, workdir)
+            references = [r for r in args.references.split(",") if r]
+            for algorithm in references:
+                if algorithm not in REFERENCES:
+                    raise SystemExit(f"--references: unknown {algorithm!r}; choose from {','.join(REFERENCES)}")
+                config = dataclasses.replace(base_config(dataset, rounds, imbalance, args), algorithm=algorithm)
+                print(f"{dataset} {balance}: reference {algorithm}, {len(seeds)} seeds ...", flush=True)
+                # Sequential: a reference's state differs from the methods' (local: a trunk per client).
+                runs[algorithm] = run_seeds(
+                    config, seeds, "sequential", os.path.join(args.workdir, dataset, balance, algorithm)
+                )
             analysis = analyse(runs["fedrep"], runs["fedgradnorm"], args.smooth, args.fraction)
+            analysis["references"] = {name: _stats(runs[name].final_test_metric) for name in references}
+            metrics = [t.metric for t in training.task_table(config)]
+            means = {name: np.mean(runs[name].final_test_metric, axis=0) for name in (*ALGORITHMS, *references)}
+            analysis["ordering"] = ordering(means, metrics)
             setting = {
                 "record": "setting",
                 "dataset": dataset,

@@ -5,6 +5,18 @@
 * FedGradNorm: Mortaheb, Vahapoglu, Ulukus, "FedGradNorm: Personalized
   Federated Gradient-Normalized Multi-Task Learning", IEEE SPAWC 2022.
 
+Two reference points bracket them (``--algorithm=local|centralized``):
+
+* ``local``: every client trains its own trunk and head alone, with the same
+  head and shared phases, and nothing is aggregated (the floor that
+  federation must beat);
+* ``centralized``: one trunk and the clients' heads trained jointly on the
+  union of the clients' data: each of the round's ``tau_head + tau_shared``
+  steps takes a minibatch of ``batch_size`` from every client, and the trunk
+  follows the mean of the clients' gradients with one persistent client
+  optimiser (the same number of example-gradient steps as a federated round;
+  the ceiling of what sharing the trunk can give).
+
 One round (DESIGN.md section 2), for every client c at once:
 
 1. broadcast the trunk ``theta`` and task weights ``p``;
@@ -47,9 +59,11 @@ from fgn_jax import tasks as tasks_lib
 from fgn_jax.types import Params, PRNGKey
 from fgn_jax.weightings import base as weighting_base
 
-ALGORITHMS = ("fedgradnorm", "fedrep")
+ALGORITHMS = ("fedgradnorm", "fedrep", "local", "centralized")
 # The weighting each algorithm name stands for (``--weighting`` overrides it).
-WEIGHTING_OF_ALGORITHM = {"fedgradnorm": "gradnorm", "fedrep": "equal"}
+WEIGHTING_OF_ALGORITHM = {"fedgradnorm": "gradnorm", "fedrep": "equal", "local": "equal", "centralized": "equal"}
+# Reference algorithms (module docstring): no federated aggregation.
+REFERENCES = ("local", "centralized")
 
 
 @struct.dataclass
@@ -128,6 +142,7 @@ class DeviceData:
 class ClientState:
     head: Params  # [C, ...] when stacked
     head_opt_state: optax.OptState  # [C, ...] when stacked
+    trunk: Params = None  # algorithm "local" only: the client's own trunk, [C, ...] when stacked
 
 
 @struct.dataclass
@@ -160,6 +175,8 @@ class FederatedAlgorithm(NamedTuple):
     server_update: Callable
     trunk_model: nn.Module
     head_model: nn.Module
+    central_client_step: Callable  # centralized: (trunk, client, info, data, key) -> (client, ClientOutput)
+    central_server_step: Callable  # centralized: (server, outputs, infos) -> server
 
 
 def _sample(key: PRNGKey, x, y, offset, size, batch_size):
@@ -186,14 +203,20 @@ def build(config: AlgorithmConfig, hparams: HParams, input_shape: tuple[int, ...
     def features(trunk, x):
         return trunk_model.apply(trunk, x)
 
+    def sample_minibatch(key, info, data):
+        return _sample(key, data.train_x, data.train_y, info.train_offset, info.train_size, config.batch_size)
+
     def loss_from_features(head, feats, y, task):
         return jnp.mean(tasks_lib.per_example_loss(head_model.apply(head, feats), y, task))
 
     def init_server(key: PRNGKey) -> ServerState:
         trunk = trunk_model.init(key, jnp.zeros((1, *input_shape), jnp.float32))
+        # centralized: the trunk follows the clients' mean gradient with a
+        # persistent client optimiser (no server optimiser).
+        trunk_tx = client_tx if config.algorithm == "centralized" else server_tx
         return ServerState(
             trunk=trunk,
-            opt_state=server_tx.init(trunk),
+            opt_state=trunk_tx.init(trunk),
             weighting=weighting.init(config.num_tasks),
             round=jnp.zeros((), jnp.int32),
         )
@@ -205,9 +228,11 @@ def build(config: AlgorithmConfig, hparams: HParams, input_shape: tuple[int, ...
 
     def client_update(trunk, client: ClientState, info: ClientInfo, data: DeviceData, key: PRNGKey):
         k_head, k_measure, k_shared = jax.random.split(key, 3)
+        if config.algorithm == "local":
+            trunk = client.trunk  # alone: the client's own trunk, never aggregated
 
         def sample(k):
-            return _sample(k, data.train_x, data.train_y, info.train_offset, info.train_size, config.batch_size)
+            return sample_minibatch(k, info, data)
 
         # 2. Head phase: the trunk is the broadcast theta for every client, so
         # its forward pass runs with shared weights (one big matmul under vmap).
@@ -250,9 +275,39 @@ def build(config: AlgorithmConfig, hparams: HParams, input_shape: tuple[int, ...
         first, _ = shared_step((trunk, client_tx.init(trunk)), shared_keys[0])
         (local, _), _ = jax.lax.scan(shared_step, first, shared_keys[1:])
         delta = jax.tree.map(jnp.subtract, local, trunk)
-        return ClientState(head, head_opt_state), ClientOutput(delta, loss, grad_norm)
+        own_trunk = local if config.algorithm == "local" else client.trunk
+        return ClientState(head, head_opt_state, own_trunk), ClientOutput(delta, loss, grad_norm)
+
+    def central_client_step(trunk, client: ClientState, info: ClientInfo, data: DeviceData, key: PRNGKey):
+        """``centralized``, one client's part of one joint step on a fresh minibatch.
+
+        Returns the client state after its head step and ``ClientOutput``
+        with the trunk gradient in place of a delta, the loss and ``g_c``
+        (both at the step's starting point).
+        """
+        x, y = sample_minibatch(key, info, data)
+
+        def loss_of(t, h):
+            return loss_from_features(h, features(t, x), y, info.task)
+
+        loss, (g_trunk, g_head) = jax.value_and_grad(loss_of, argnums=(0, 1))(trunk, client.head)
+        updates, head_opt_state = client_tx.update(g_head, client.head_opt_state, client.head)
+        head = optax.apply_updates(client.head, updates)
+        grad_norm = jnp.sqrt(jnp.sum(models.get_last_shared_kernel(g_trunk) ** 2))
+        return ClientState(head, head_opt_state, client.trunk), ClientOutput(g_trunk, loss, grad_norm)
+
+    def central_server_step(server: ServerState, outputs: ClientOutput, infos: ClientInfo) -> ServerState:
+        """``centralized``: the trunk takes one client-optimiser step on the mean of the clients' gradients."""
+        grad = jax.tree.map(lambda g: jnp.tensordot(infos.mask, g, axes=1) / jnp.sum(infos.mask), outputs.delta)
+        updates, opt_state = client_tx.update(grad, server.opt_state, server.trunk)
+        return server.replace(trunk=optax.apply_updates(server.trunk, updates), opt_state=opt_state)
 
     def server_update(server: ServerState, outputs: ClientOutput, infos: ClientInfo, key: PRNGKey):
+        """One round's server step: task weights, aggregation, server optimiser, weighting update.
+
+        ``local`` and ``centralized`` (whose trunk moved during the round's
+        steps) aggregate nothing: only the metrics and the round counter.
+        """
         k_weights, k_channel = jax.random.split(key)
         # [C, T] membership of each used client in each task (padding and
         # clients that did not report have mask 0).
@@ -273,12 +328,16 @@ def build(config: AlgorithmConfig, hparams: HParams, input_shape: tuple[int, ...
             )
             gram = weighting_base.task_gram(task_updates)
         weights = weighting.weights(server.weighting, weighting_base.RoundInputs(k_weights, present, gram))
-        client_weight = infos.mask * weights[infos.task_index]
-        delta, report = aggregator.aggregate(outputs.delta, client_weight, infos, k_channel)
-        # The server optimiser gets -delta as a gradient.
-        neg = jax.tree.map(jnp.negative, delta)
-        updates, opt_state = server_tx.update(neg, server.opt_state, server.trunk)
-        trunk = optax.apply_updates(server.trunk, updates)
+        if config.algorithm in REFERENCES:
+            ones = jnp.ones_like(infos.mask)
+            trunk, opt_state, report = server.trunk, server.opt_state, aggregation_lib.ChannelReport(ones, ones)
+        else:
+            client_weight = infos.mask * weights[infos.task_index]
+            delta, report = aggregator.aggregate(outputs.delta, client_weight, infos, k_channel)
+            # The server optimiser gets -delta as a gradient.
+            neg = jax.tree.map(jnp.negative, delta)
+            updates, opt_state = server_tx.update(neg, server.opt_state, server.trunk)
+            trunk = optax.apply_updates(server.trunk, updates)
         # 6. The weighting's step (GradNorm: on per-task means over each task's clients).
         task_gain = per_task(report.gain)
         stats = weighting_base.TaskStats(task_loss, task_grad_norm, present, task_gain, weights)
@@ -287,7 +346,16 @@ def build(config: AlgorithmConfig, hparams: HParams, input_shape: tuple[int, ...
         new_server = ServerState(trunk=trunk, opt_state=opt_state, weighting=new_weighting, round=server.round + 1)
         return new_server, metrics
 
-    return FederatedAlgorithm(init_server, init_client, client_update, server_update, trunk_model, head_model)
+    return FederatedAlgorithm(
+        init_server,
+        init_client,
+        client_update,
+        server_update,
+        trunk_model,
+        head_model,
+        central_client_step,
+        central_server_step,
+    )
 
 
 def evaluate_client(alg: FederatedAlgorithm, trunk, head, info: ClientInfo, data: DeviceData, max_size: int):

@@ -70,7 +70,10 @@ class Env:
 
 
 def make_env(
-    dataset: pool_lib.FederatedDataset, num_clients: int | None = None, mesh: jax.sharding.Mesh | None = None
+    dataset: pool_lib.FederatedDataset,
+    num_clients: int | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    standardize_targets: bool = False,
 ) -> Env:
     """Moves a federated dataset to the device(s), each device only its own clients' part.
 
@@ -98,6 +101,10 @@ def make_env(
         transfers only the shards of its own devices; ``num_clients`` must
         then be a multiple of the client-axis devices (see
         :meth:`Simulation.make_env`).
+      standardize_targets: regression clients predict their targets
+        standardised with their own training mean and std
+        (:func:`fgn_jax.tasks.target_standardization`); metrics stay in the
+        data's units.
 
     Returns:
       The environment, every leaf a ``jax.Array``.
@@ -120,12 +127,20 @@ def make_env(
     train = pool_lib.block_layout(slots(dataset.train.offset), slots(dataset.train.size), blocks)
     test = pool_lib.block_layout(slots(dataset.test.offset), slots(dataset.test.size), blocks)
     client_task = slots(dataset.client_task)
+    width = tasks_lib.max_outputs(dataset.tasks)
+    shift, scale = np.zeros((c, width), np.float32), np.ones((c, width), np.float32)
+    if standardize_targets:
+        fitted = tasks_lib.target_standardization(
+            dataset.tasks, dataset.client_task, [dataset.train.client(i)[1] for i in range(c_real)]
+        )
+        shift[:c_real], scale[:c_real] = fitted
+        shift, scale = shift[order], scale[order]
     # Host-side (numpy) first, so that a sharded placement transfers only
     # each process's shards. Padding slots sample row 0 of their block.
     info = algorithms.ClientInfo(
         client_id=order.astype(np.int32),
         task_index=client_task,
-        task=jax.tree.map(np.asarray, tasks_lib.TaskArrays.for_clients(dataset.tasks, client_task)),
+        task=jax.tree.map(np.asarray, tasks_lib.TaskArrays.for_clients(dataset.tasks, client_task, shift, scale)),
         train_offset=np.where(real, train.offset, 0).astype(np.int32),
         train_size=slots(dataset.train.size, 1),
         test_offset=np.where(real, test.offset, 0).astype(np.int32),
@@ -211,6 +226,9 @@ class Simulation:
       mesh: shards the client axis over its ``"clients"`` axis (see
         :func:`fgn_jax.sharding.make_mesh`); None: default device placement.
         Needs ``client_execution="vmap"``.
+      standardize_targets: :meth:`make_env` standardises each regression
+        client's targets (see :func:`make_env`). Data only: the programs do
+        not depend on it.
     """
 
     config: algorithms.AlgorithmConfig
@@ -221,6 +239,7 @@ class Simulation:
     client_batch: int = 0
     eval_client_batch: int = 64
     mesh: jax.sharding.Mesh | None = None  # hashable: the mesh is part of the static jit key
+    standardize_targets: bool = False
 
     def __post_init__(self):
         if self.client_execution not in CLIENT_EXECUTIONS:
@@ -239,7 +258,8 @@ class Simulation:
 
     def make_env(self, dataset: pool_lib.FederatedDataset) -> Env:
         """The dataset on the device(s), padded with masked clients to split over the mesh."""
-        return make_env(dataset, sharding.padded_num_clients(dataset.num_clients, self.mesh), self.mesh)
+        slots = sharding.padded_num_clients(dataset.num_clients, self.mesh)
+        return make_env(dataset, slots, self.mesh, self.standardize_targets)
 
     def client_order(self, dataset: pool_lib.FederatedDataset) -> np.ndarray:
         """The client in each slot of :meth:`make_env`'s environment (see :func:`client_order`)."""
@@ -254,22 +274,46 @@ class Simulation:
         alg = self.algorithm(hparams)
         k_trunk, k_heads, k_rounds = jax.random.split(key, 3)
         head_keys = jax.vmap(lambda i: jax.random.fold_in(k_heads, i))(env.info.client_id)
-        return SimState(
-            server=alg.init_server(k_trunk),
-            clients=jax.vmap(alg.init_client)(head_keys),
-            key=k_rounds,
-        )
+        server = alg.init_server(k_trunk)
+        clients = jax.vmap(alg.init_client)(head_keys)
+        if self.config.algorithm == "local":  # every client starts its own trunk from the common one
+            c = env.info.client_id.shape[0]
+            clients = clients.replace(trunk=jax.tree.map(lambda a: jnp.broadcast_to(a, (c, *a.shape)), server.trunk))
+        return SimState(server=server, clients=clients, key=k_rounds)
 
     # ---------------------------------------------------------------- rounds
     def round_step(self, state: SimState, env: Env, hparams: algorithms.HParams):
         """One round for all clients (vmapped); returns ``(state, metrics)``."""
         keys = _client_keys(state.key, state.server.round, env.info.client_id)
-        clients, outputs = self._per_device(self._update_clients)(
-            state.server.trunk, state.clients, env.info, env.data, keys, hparams
-        )
+        if self.config.algorithm == "centralized":
+            server, clients, outputs = self._central_steps(state, env, keys, hparams)
+            state = SimState(server=server, clients=clients, key=state.key)
+        else:
+            clients, outputs = self._per_device(self._update_clients)(
+                state.server.trunk, state.clients, env.info, env.data, keys, hparams
+            )
         server_key = _server_key(state.key, state.server.round)
         server, metrics = self.algorithm(hparams).server_update(state.server, outputs, env.info, server_key)
         return SimState(server=server, clients=clients, key=state.key), metrics
+
+    def _central_steps(self, state: SimState, env: Env, keys, hparams):
+        """``centralized``: ``tau_head + tau_shared`` joint steps; outputs of the first (its losses, ``g``)."""
+        alg = self.algorithm(hparams)
+        steps = self.config.tau_head + self.config.tau_shared
+        step_keys = jax.vmap(lambda k: jax.random.split(k, steps), out_axes=1)(keys)  # [steps, C]
+
+        def clients_step(trunk, clients, info, data, keys, hparams):
+            return jax.vmap(alg.central_client_step, in_axes=(None, 0, 0, None, 0))(trunk, clients, info, data, keys)
+
+        def step(carry, k):
+            server, clients = carry
+            clients, out = self._per_device(clients_step)(server.trunk, clients, env.info, env.data, k, hparams)
+            return (alg.central_server_step(server, out, env.info), clients), (out.loss, out.grad_norm)
+
+        (server, clients), (loss, grad_norm) = jax.lax.scan(step, (state.server, state.clients), step_keys)
+        # The trunk has moved already: the server update only records the metrics.
+        no_delta = jax.tree.map(lambda a: jnp.zeros((keys.shape[0], *a.shape), a.dtype), server.trunk)
+        return server, clients, algorithms.ClientOutput(no_delta, loss[0], grad_norm[0])
 
     def _update_clients(self, trunk, clients, info, data, keys, hparams):
         # ``data`` is this device's block: ``info``'s offsets index into it.
@@ -380,20 +424,22 @@ class Simulation:
         return state, jax.tree.map(lambda *a: jnp.stack(a), *rows)
 
     # ------------------------------------------------------------ evaluation
-    def _evaluate_clients(self, trunk, heads, info, data, hparams):
+    def _evaluate_clients(self, trunk, heads, info, data, own_trunks, hparams):
         # lax.map: a sequential loop over this device's clients, in batches
         # of eval_client_batch (bounds the evaluation's memory).
         alg = self.algorithm(hparams)
 
         def one(args):
-            head, info = args
-            return algorithms.evaluate_client(alg, trunk, head, info, data, self.max_test_size)
+            head, info, own_trunk = args
+            client_trunk = trunk if own_trunk is None else own_trunk
+            return algorithms.evaluate_client(alg, client_trunk, head, info, data, self.max_test_size)
 
-        return jax.lax.map(one, (heads, info), batch_size=self.eval_client_batch)
+        return jax.lax.map(one, (heads, info, own_trunks), batch_size=self.eval_client_batch)
 
     def _evaluate(self, state: SimState, env: Env, hparams):
+        # local: every client is evaluated with its own trunk.
         loss, metric = self._per_device(self._evaluate_clients)(
-            state.server.trunk, state.clients.head, env.info, env.data, hparams
+            state.server.trunk, state.clients.head, env.info, env.data, state.clients.trunk, hparams
         )
         member = jax.nn.one_hot(env.info.task_index, self.config.num_tasks) * env.info.mask[:, None]
         count = jnp.maximum(jnp.sum(member, axis=0), 1.0)

@@ -55,10 +55,10 @@ class ExperimentConfig:
     build_dir: str = ""  # real datasets: where the TFDS build goes ("": $TFDS_DATA_DIR or ~/tensorflow_datasets)
     anomaly_snr_db: int = 10  # RadCom: the derived anomaly task is SNR >= this (dB)
     algorithm: str = "fedgradnorm"
-    rounds: int = 150
+    rounds: int = 300
     num_clients: int = 0  # 0: one client per task
     client_tasks: str = ""  # explicit client->task map, e.g. "0,1,2,2"
-    examples_per_client: int = 600
+    examples_per_client: int = 2000
     test_examples_per_client: int = 200
     imbalance: float = 0.0  # power-law exponent of client train sizes (0: balanced)
     client_sizes: str = ""  # explicit train sizes, e.g. "500,200,100" (overrides imbalance)
@@ -67,8 +67,8 @@ class ExperimentConfig:
     tau_head: int = 2
     tau_shared: int = 2
     batch_size: int = 32
-    client_optimizer: str = "sgd"
-    client_lr: float = 0.1
+    client_optimizer: str = "adam"
+    client_lr: float = 1e-3
     server_optimizer: str = "sgd"
     server_lr: float = 1.0
     alpha: float = 1.5
@@ -85,6 +85,8 @@ class ExperimentConfig:
     # 0: automatic, groups of about GROUP_EXAMPLES examples (auto_client_batch).
     client_batch: int = 0
     conv_impl: str = "auto"
+    # Regression clients predict targets standardised with their own training mean/std (fgn_jax/tasks.py).
+    standardize_targets: bool = True
     num_devices: int = 0  # devices the client axis is sharded over (0: all, over all processes)
 
     def validate(self) -> None:
@@ -142,6 +144,8 @@ class ExperimentConfig:
             bad("eval_every", f"must be a multiple of --log_every={self.log_every}, got {self.eval_every}")
         if self.client_execution not in simulate.CLIENT_EXECUTIONS:
             bad("client_execution", f"choose one of {', '.join(simulate.CLIENT_EXECUTIONS)}")
+        if self.algorithm == "centralized" and self.client_execution != "vmap":
+            bad("client_execution", "--algorithm=centralized trains all clients' data jointly; use vmap")
         if self.client_batch < 0:
             bad("client_batch", f"must be >= 0 (0 means automatic), got {self.client_batch}")
         if self.conv_impl not in models.CONV_IMPLS:
@@ -168,14 +172,15 @@ def _load_pools(config: ExperimentConfig, num_train: int, num_test: int):
     return loaders.load_pools(config.dataset, config.data_dir, build_dir=config.build_dir or None, **options)
 
 
-def _task_table(config: ExperimentConfig):
+def task_table(config: ExperimentConfig):
+    """The dataset's task table (TaskSpecs in task order), without loading data."""
     if config.dataset in ("synthetic_mtfl", "mtfl"):
         return synthetic.MTFL_TASKS
     return synthetic.RADCOM_TASKS
 
 
 def client_task_map(config: ExperimentConfig) -> np.ndarray:
-    names = [t.name for t in _task_table(config)]
+    names = [t.name for t in task_table(config)]
     try:
         if config.client_tasks:
             return partition.parse_client_tasks(config.client_tasks, names)
@@ -258,6 +263,7 @@ def build_simulation(config: ExperimentConfig, dataset: pool_lib.FederatedDatase
         chunk=config.log_every,
         client_execution=config.client_execution,
         client_batch=config.client_batch or auto_client_batch(config.batch_size),
+        standardize_targets=config.standardize_targets,
     )
 
 

@@ -44,7 +44,7 @@ def make_setup(**overrides) -> Setup:
     config.validate()
     dataset = training.build_dataset(config)
     sim = training.build_simulation(config, dataset)
-    return Setup(config, dataset, sim, simulate.make_env(dataset), config.hparams())
+    return Setup(config, dataset, sim, sim.make_env(dataset), config.hparams())
 
 
 @pytest.fixture

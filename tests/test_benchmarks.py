@@ -98,3 +98,15 @@ def test_convergence_toy(tmp_path):
         assert sum(alg["final_task_weight"]) == pytest.approx(k, rel=1e-4)
     assert a["fedrep"]["final_task_weight"] == [1.0] * k
     assert os.path.getsize(os.path.join(tmp_path, "convergence_synthetic_radcom_balanced.png")) > 0
+    # The reference points ran on the same seeds, and the ordering verdict has one entry per task.
+    assert set(a["references"]) == {"local", "centralized"}
+    assert all(len(v["mean"]) == k and v["reached"] == [2] * k for v in a["references"].values())
+    assert len(a["ordering"]) == k
+
+
+def test_ordering_verdict_hand_computed():
+    means = {"local": [0.5, 0.3], "fedrep": [0.6, 0.2], "fedgradnorm": [0.6, 0.25], "centralized": [0.7, 0.1]}
+    # Task 0 (accuracy): 0.5 < 0.6 = 0.6 < 0.7 holds. Task 1 (NME, lower is better): 0.3 > 0.2 (local worse:
+    # fine), then FedGradNorm 0.25 is worse than FedRep 0.2.
+    assert convergence.ordering(means, ["accuracy", "nme"]) == ["holds", "fedrep beats fedgradnorm"]
+    assert convergence.ordering({"local": [0.6], "fedrep": [0.6]}, ["accuracy"]) == ["local ties or beats fedrep"]
