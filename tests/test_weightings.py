@@ -1,7 +1,9 @@
 """The task-weighting family (fgn_jax/weightings): each method against numbers computed
 independently (numpy, by hand), batching, and tiny training runs through the shared round."""
 
+import csv
 import dataclasses
+import json
 import math
 
 import jax
@@ -9,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fgn_jax import aggregation, algorithms, testing, training, weightings
+from fgn_jax import aggregation, algorithms, sweep, testing, training, weightings
 from fgn_jax.weightings import base, cagrad, dwa, imtl, mgda, pcgrad, simplex, uncertainty
 from tests.conftest import make_setup, run_alone, tiny_config
 from tests.test_train import run_cli
@@ -318,3 +320,37 @@ def test_cli_bogus_weighting_exits_2_with_one_line(tmp_path):
     for name in weightings.WEIGHTINGS:
         assert name in lines[0]
     assert not (tmp_path / "w").exists()
+
+
+def test_sweep_grids_the_weighting_hyperparameters():
+    configs = sweep.grid(tiny_config(weighting="dwa"), {"dwa_temperature": [1.0, 4.0], "cagrad_c": [], "seed": [0]})
+    assert [c.dwa_temperature for c in configs] == [1.0, 4.0]
+    assert sweep.config_name(configs[1], sweep.varied(configs)) == "dwa_temperature=4,seed=0"
+    keys, hparams = sweep.stacked_inputs(configs, None)
+    np.testing.assert_array_equal(hparams.dwa_temperature, [1.0, 4.0])
+    np.testing.assert_array_equal(hparams.cagrad_c, [0.5, 0.5])
+    assert sweep.LIST_FLAGS["dwa_temperature"] == "dwa_temperatures" and sweep.LIST_FLAGS["cagrad_c"] == "cagrad_cs"
+    with pytest.raises(training.ConfigError, match="--dwa_temperature"):
+        sweep.grid(tiny_config(), {"dwa_temperature": [0.0]})
+    with pytest.raises(training.ConfigError, match=r"^--weightings: unknown weighting 'nope'; choose from equal,"):
+        sweep.run_weightings(tiny_config(), ["equal", "nope"], {}, "/nonexistent", log=None)
+
+
+@pytest.mark.slow
+def test_run_weightings_runs_each_method_as_its_own_sweep(tmp_path):
+    base = tiny_config(num_clients=3, tau_head=1, tau_shared=1)
+    results = sweep.run_weightings(base, ["equal", "dwa", "equal"], {"seed": [0, 1]}, str(tmp_path), log=None)
+    assert [(r["weighting"], r["seed"]) for r in results] == [("equal", 0), ("equal", 1), ("dwa", 0), ("dwa", 1)]
+    for r in results:
+        rows = [json.loads(line) for line in open(tmp_path / r["weighting"] / r["name"] / "metrics.jsonl")]
+        assert [x["round"] for x in rows] == [0, 1, 2, 3]
+        assert r["final_task_weight"] == rows[-1]["task_weight"]
+        assert json.load(open(tmp_path / r["weighting"] / r["name"] / "config.json"))["weighting"] == r["weighting"]
+    np.testing.assert_array_equal(results[0]["final_task_weight"], [1, 1, 1])
+    # DWA's round-3 weights come from the losses of rounds 1 and 2: not all 1, sum 3.
+    assert not np.allclose(results[2]["final_task_weight"], 1.0)
+    np.testing.assert_allclose(sum(results[2]["final_task_weight"]), 3.0, rtol=1e-5)
+    table = list(csv.DictReader(open(tmp_path / "results.csv")))
+    assert [(row["weighting"], row["name"]) for row in table] == [(r["weighting"], r["name"]) for r in results]
+    with open(tmp_path / "weightings.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
