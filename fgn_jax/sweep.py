@@ -2,7 +2,10 @@
 
 A sweep is a grid over the seed and the float hyperparameters of
 :class:`~fgn_jax.algorithms.HParams` (``alpha``, ``weight_lr``,
-``client_lr``, ``server_lr``), everything else fixed. Those hyperparameters
+``client_lr``, ``server_lr``, and the weightings' ``dwa_temperature``,
+``cagrad_c``, ``uncertainty_lr``), everything else fixed. Several weighting
+methods are several programs: :func:`run_weightings` runs one sweep per
+method. Those hyperparameters
 are pytree leaves, not compile-time constants, so the simulation is vmapped
 over a leading configuration axis ``[S]`` of the state, the keys (one per
 seed) and the hyperparameters (:func:`fgn_jax.simulate.programs` with
