@@ -296,6 +296,15 @@ def test_gram_methods_refuse_aggregations_without_per_task_updates(monkeypatch):
         algorithms.AlgorithmConfig(weighting="mgda", aggregation="ota")
     algorithms.AlgorithmConfig(weighting="dwa", aggregation="ota")  # causal methods are fine
 
+    # The flag check, for a config with an --aggregation field (added by the over-the-air change).
+    @dataclasses.dataclass(frozen=True)
+    class OverTheAir(training.ExperimentConfig):
+        aggregation: str = "ota"
+
+    with pytest.raises(training.ConfigError, match=r"^--weighting: 'imtl' needs the per-task updates"):
+        OverTheAir(weighting="imtl").validate()
+    OverTheAir(weighting="rlw").validate()
+
 
 @pytest.mark.parametrize(
     "overrides,message",
