@@ -8,9 +8,10 @@ shared by the grid; the list flags below override --seed, --alpha,
 --weight_lr, --client_lr, --server_lr, --dwa_temperature, --cagrad_c and
 --uncertainty_lr. Writes one directory per configuration (config.json,
 metrics.jsonl), results.csv/json (final metrics) and sweep.png (loss and
-task-weight curves, mean and spread over seeds); see fgn_jax/sweep.py. Re-running the same command on the same --workdir resumes
-from the latest checkpoint (--checkpoint_every); a different sweep there is
-refused unless --overwrite. Invalid flags print one line and exit with code 2;
+task-weight curves, mean and spread over seeds); see fgn_jax/sweep.py.
+Re-running the same command on the same --workdir resumes from the latest
+checkpoint (--checkpoint_every); a different sweep there is refused unless
+--overwrite. Invalid flags print one line and exit with code 2;
 a NaN/Inf with --on_divergence=stop exits with code 3 (--on_divergence=mask
 freezes the diverged configurations instead and records them in results.csv).
 

@@ -5,6 +5,9 @@ import csv
 import dataclasses
 import json
 import math
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -363,3 +366,17 @@ def test_run_weightings_runs_each_method_as_its_own_sweep(tmp_path):
     assert [(row["weighting"], row["name"]) for row in table] == [(r["weighting"], r["name"]) for r in results]
     with open(tmp_path / "weightings.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sweep_cli_refuses_unknown_weightings(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.sweep", f"--workdir={tmp_path / 'w'}", "--weightings=equal,bogus"],
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith(("I1", "W1"))]
+    assert lines == ["error: --weightings: unknown weighting 'bogus'; choose from " + ", ".join(weightings.WEIGHTINGS)]
+    assert not (tmp_path / "w").exists()
