@@ -136,6 +136,29 @@ def _stats(values: np.ndarray) -> dict:
     return {"mean": as_list(mean), "std": as_list(np.sqrt(var)), "reached": [int(v) for v in np.atleast_1d(n)]}
 
 
+def run_stats(runs: Runs, smoothed: np.ndarray, target: np.ndarray) -> dict:
+    """One method's seeds: rounds to ``target`` per task and for all tasks, final metrics and weights.
+
+    Args:
+      runs: the method's curves over the seeds.
+      smoothed: ``smooth(runs.task_loss, window)``, ``[S, R, K]``.
+      target: ``[K]`` target losses.
+    """
+    r = rounds_to_target(smoothed, target)
+    # All tasks at target: the last task's round (NaN if any task never gets there).
+    all_tasks = np.where(np.isfinite(r).all(axis=1), np.nanmax(np.where(np.isfinite(r), r, -1), axis=1), np.nan)
+    return {
+        "rounds_to_target": _stats(r),
+        "rounds_to_target_per_seed": [[None if not math.isfinite(v) else int(v) for v in row] for row in r],
+        "rounds_all_tasks": _stats(all_tasks[:, None]),
+        "final_test_metric": _stats(runs.final_test_metric),
+        "final_test_loss": _stats(runs.final_test_loss),
+        "final_task_weight": runs.task_weight[:, -1, :].mean(axis=0).tolist(),
+        "runner": runs.runner,
+        "wall_s": runs.wall_s,
+    }
+
+
 def analyse(rep: Runs, gn: Runs, window: int, fraction: float) -> dict:
     """Targets from FedRep, rounds to them for both algorithms, ratios and final metrics."""
     rep_s, gn_s = smooth(rep.task_loss, window), smooth(gn.task_loss, window)
@@ -144,21 +167,7 @@ def analyse(rep: Runs, gn: Runs, window: int, fraction: float) -> dict:
     target = start - fraction * (start - end)
     out = {"task_names": rep.task_names, "start_loss": start.tolist(), "fedrep_end_loss": end.tolist()}
     out["target_loss"] = target.tolist()
-    per_alg = {}
-    for name, runs, smoothed in (("fedrep", rep, rep_s), ("fedgradnorm", gn, gn_s)):
-        r = rounds_to_target(smoothed, target)
-        # All tasks at target: the last task's round (NaN if any task never gets there).
-        all_tasks = np.where(np.isfinite(r).all(axis=1), np.nanmax(np.where(np.isfinite(r), r, -1), axis=1), np.nan)
-        per_alg[name] = {
-            "rounds_to_target": _stats(r),
-            "rounds_to_target_per_seed": [[None if not math.isfinite(v) else int(v) for v in row] for row in r],
-            "rounds_all_tasks": _stats(all_tasks[:, None]),
-            "final_test_metric": _stats(runs.final_test_metric),
-            "final_test_loss": _stats(runs.final_test_loss),
-            "final_task_weight": runs.task_weight[:, -1, :].mean(axis=0).tolist(),
-            "runner": runs.runner,
-            "wall_s": runs.wall_s,
-        }
+    per_alg = {"fedrep": run_stats(rep, rep_s, target), "fedgradnorm": run_stats(gn, gn_s, target)}
     out.update(per_alg)
     rep_mean = np.array([np.nan if v is None else v for v in per_alg["fedrep"]["rounds_to_target"]["mean"]])
     gn_mean = np.array([np.nan if v is None else v for v in per_alg["fedgradnorm"]["rounds_to_target"]["mean"]])
@@ -192,7 +201,8 @@ def ordering(final_metric: dict[str, Sequence[float]], metrics: Sequence[str]) -
     return out
 
 
-def _pm(stats: dict, i: int, spec: str = ".1f") -> str:
+def plus_minus(stats: dict, i: int, spec: str = ".1f") -> str:
+    """``mean±std`` of entry ``i`` of :func:`run_stats`' statistics (``never``: no seed reached it)."""
     mean, std = stats["mean"][i], stats["std"][i]
     if mean is None:
         return "never"
@@ -201,6 +211,7 @@ def _pm(stats: dict, i: int, spec: str = ".1f") -> str:
 
 
 def table(settings: list[dict]) -> str:
+    pm = plus_minus
     lines = []
     for s in settings:
         a = s["analysis"]
@@ -220,15 +231,15 @@ def table(settings: list[dict]) -> str:
             rr, gr = rep["rounds_to_target"]["reached"][i], gn["rounds_to_target"]["reached"][i]
             lines.append(
                 f"{task:<12}{a['target_loss'][i]:>8.3f}"
-                f"{_pm(rep['rounds_to_target'], i) + f' ({rr}/{n})':>16}"
-                f"{_pm(gn['rounds_to_target'], i) + f' ({gr}/{n})':>16}"
+                f"{pm(rep['rounds_to_target'], i) + f' ({rr}/{n})':>16}"
+                f"{pm(gn['rounds_to_target'], i) + f' ({gr}/{n})':>16}"
                 f"{'-' if ratio is None else format(ratio, '.2f'):>7}"
-                f"{_pm(rep['final_test_metric'], i, '.3f'):>14}{_pm(gn['final_test_metric'], i, '.3f'):>14}"
+                f"{pm(rep['final_test_metric'], i, '.3f'):>14}{pm(gn['final_test_metric'], i, '.3f'):>14}"
                 f"{gn['final_task_weight'][i]:>8.2f}"
             )
         ratio = a["ratio_all_tasks"]
         lines.append(
-            f"{'all tasks':<12}{'':>8}{_pm(rep['rounds_all_tasks'], 0):>16}{_pm(gn['rounds_all_tasks'], 0):>16}"
+            f"{'all tasks':<12}{'':>8}{pm(rep['rounds_all_tasks'], 0):>16}{pm(gn['rounds_all_tasks'], 0):>16}"
             f"{'-' if ratio is None else format(ratio, '.2f'):>7}"
         )
         refs = a.get("references", {})
@@ -239,7 +250,7 @@ def table(settings: list[dict]) -> str:
             )
             lines += [head, "-" * len(head)]
             for i, task in enumerate(a["task_names"]):
-                cells = [_pm((refs.get(name) or a[name]["final_test_metric"]), i, ".3f") for name in ORDER]
+                cells = [plus_minus((refs.get(name) or a[name]["final_test_metric"]), i, ".3f") for name in ORDER]
                 lines.append(f"{task:<12}" + "".join(f"{c:>16}" for c in cells) + f"  {a['ordering'][i]}")
     return "\n".join(lines)
 

@@ -5,14 +5,20 @@
 
 Every train flag (python -m experiments.train --helpfull) sets the values
 shared by the grid; the list flags below override --seed, --alpha,
---weight_lr, --client_lr and --server_lr. Writes one directory per
-configuration (config.json, metrics.jsonl), results.csv/json (final metrics)
-and sweep.png (loss and task-weight curves, mean and spread over seeds); see
-fgn_jax/sweep.py. Re-running the same command on the same --workdir resumes
-from the latest checkpoint (--checkpoint_every); a different sweep there is
-refused unless --overwrite. Invalid flags print one line and exit with code 2;
+--weight_lr, --client_lr, --server_lr, --dwa_temperature, --cagrad_c and
+--uncertainty_lr. Writes one directory per configuration (config.json,
+metrics.jsonl), results.csv/json (final metrics) and sweep.png (loss and
+task-weight curves, mean and spread over seeds); see fgn_jax/sweep.py.
+Re-running the same command on the same --workdir resumes from the latest
+checkpoint (--checkpoint_every); a different sweep there is refused unless
+--overwrite. Invalid flags print one line and exit with code 2;
 a NaN/Inf with --on_divergence=stop exits with code 3 (--on_divergence=mask
 freezes the diverged configurations instead and records them in results.csv).
+
+Several task weightings in one invocation, one compiled sweep per method in
+--workdir/<method>, with combined results.csv/json and weightings.png:
+
+    python -m experiments.sweep --workdir=/tmp/fgn_methods --weightings=equal,gradnorm,dwa --seeds=0,1,2
 """
 
 import sys
@@ -37,7 +43,18 @@ _LISTS = {
     "weight_lr": flags.DEFINE_list("weight_lrs", [], "Task-weight learning rates; default: --weight_lr."),
     "client_lr": flags.DEFINE_list("client_lrs", [], "Client learning rates; default: --client_lr."),
     "server_lr": flags.DEFINE_list("server_lrs", [], "Server learning rates; default: --server_lr."),
+    "dwa_temperature": flags.DEFINE_list("dwa_temperatures", [], "DWA temperatures; default: --dwa_temperature."),
+    "cagrad_c": flags.DEFINE_list("cagrad_cs", [], "CAGrad ball radii c; default: --cagrad_c."),
+    "uncertainty_lr": flags.DEFINE_list(
+        "uncertainty_lrs", [], "Uncertainty-weighting log-variance steps; default: --uncertainty_lr."
+    ),
 }
+_WEIGHTINGS = flags.DEFINE_list(
+    "weightings",
+    [],
+    "Task weightings to run the grid for, e.g. equal,gradnorm,dwa (one compiled sweep per method, in "
+    "--workdir/<method>, plus combined results.csv/json and weightings.png); overrides --weighting.",
+)
 _SWEEP_DEVICES = flags.DEFINE_integer(
     "sweep_devices", 1, "Devices along the configuration axis; the client axis gets the rest of --num_devices."
 )
@@ -60,16 +77,15 @@ def main(argv):
     if len(argv) > 1:
         sys.exit(f"unexpected arguments: {' '.join(argv[1:])}")
     cli.maybe_initialize_distributed(_DISTRIBUTED)  # before anything touches the devices
-    cli.run_or_exit(
-        lambda: sweep.run_sweep(
-            cli.config_from_flags(_FLAGS),
-            _values(),
-            _WORKDIR.value,
-            _SWEEP_DEVICES.value,
-            on_divergence=_ON_DIVERGENCE.value,
-            overwrite=_OVERWRITE.value,
+    options = dict(sweep_devices=_SWEEP_DEVICES.value, on_divergence=_ON_DIVERGENCE.value, overwrite=_OVERWRITE.value)
+    if _WEIGHTINGS.value:
+        cli.run_or_exit(
+            lambda: sweep.run_weightings(
+                cli.config_from_flags(_FLAGS), _WEIGHTINGS.value, _values(), _WORKDIR.value, **options
+            )
         )
-    )
+    else:
+        cli.run_or_exit(lambda: sweep.run_sweep(cli.config_from_flags(_FLAGS), _values(), _WORKDIR.value, **options))
 
 
 if __name__ == "__main__":

@@ -74,11 +74,18 @@ class HParams:
     server_lr: jax.Array
     alpha: jax.Array
     weight_lr: jax.Array
+    dwa_temperature: jax.Array  # DWA's softmax temperature (fgn_jax.weightings.dwa)
+    cagrad_c: jax.Array  # CAGrad's ball radius c (fgn_jax.weightings.cagrad)
+    uncertainty_lr: jax.Array  # step of the log-variances (fgn_jax.weightings.uncertainty)
 
     @classmethod
-    def create(cls, client_lr, server_lr, alpha, weight_lr) -> "HParams":
+    def create(
+        cls, client_lr, server_lr, alpha, weight_lr, dwa_temperature=2.0, cagrad_c=0.5, uncertainty_lr=0.05
+    ) -> "HParams":
         f = lambda v: jnp.asarray(v, jnp.float32)  # noqa: E731
-        return cls(f(client_lr), f(server_lr), f(alpha), f(weight_lr))
+        return cls(
+            f(client_lr), f(server_lr), f(alpha), f(weight_lr), f(dwa_temperature), f(cagrad_c), f(uncertainty_lr)
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +114,11 @@ class AlgorithmConfig:
         if self.aggregation not in aggregation_lib.AGGREGATIONS:
             raise ValueError(
                 f"unknown aggregation {self.aggregation!r}; choose one of {tuple(aggregation_lib.AGGREGATIONS)}"
+            )
+        if self.weighting_name in weightings.NEEDS_TASK_UPDATES and self.aggregation != "ideal":
+            raise ValueError(
+                f"weighting {self.weighting_name!r} needs the per-task updates at the server, which "
+                f"aggregation {self.aggregation!r} does not deliver; use aggregation 'ideal'"
             )
 
     @property

@@ -2,7 +2,10 @@
 
 A sweep is a grid over the seed and the float hyperparameters of
 :class:`~fgn_jax.algorithms.HParams` (``alpha``, ``weight_lr``,
-``client_lr``, ``server_lr``), everything else fixed. Those hyperparameters
+``client_lr``, ``server_lr``, and the weightings' ``dwa_temperature``,
+``cagrad_c``, ``uncertainty_lr``), everything else fixed. Several weighting
+methods are several programs: :func:`run_weightings` runs one sweep per
+method. Those hyperparameters
 are pytree leaves, not compile-time constants, so the simulation is vmapped
 over a leading configuration axis ``[S]`` of the state, the keys (one per
 seed) and the hyperparameters (:func:`fgn_jax.simulate.programs` with
@@ -78,18 +81,21 @@ import jax.numpy as jnp
 import numpy as np
 
 import fgn_jax
-from fgn_jax import algorithms, checkpoint, sharding, simulate, training
+from fgn_jax import algorithms, checkpoint, sharding, simulate, training, weightings
 from fgn_jax import workdir as workdir_lib
 
 # ExperimentConfig fields a sweep may vary, in the order of the grid (the
 # seed varies fastest, so the seeds of one setting are neighbours).
-SWEPT = ("alpha", "weight_lr", "client_lr", "server_lr", "seed")
+SWEPT = ("alpha", "weight_lr", "client_lr", "server_lr", "dwa_temperature", "cagrad_c", "uncertainty_lr", "seed")
 # The list flag of each swept field (experiments/sweep.py), also the keys of the grid in config.json.
 LIST_FLAGS = {
     "alpha": "alphas",
     "weight_lr": "weight_lrs",
     "client_lr": "client_lrs",
     "server_lr": "server_lrs",
+    "dwa_temperature": "dwa_temperatures",
+    "cagrad_c": "cagrad_cs",
+    "uncertainty_lr": "uncertainty_lrs",
     "seed": "seeds",
 }
 ON_DIVERGENCE = ("stop", "mask")
@@ -493,7 +499,10 @@ def run_sweep(
         workdir_lib.write_json_atomic(os.path.join(workdir, "results.json"), results)
         _write_csv(os.path.join(workdir, "results.csv"), results, task_names)
         workdir_lib.write_json_atomic(os.path.join(workdir, workdir_lib.SUMMARY), summary)
-        plot(configs, rows, task_names, os.path.join(workdir, "sweep.png"), title=f"{base.algorithm} on {base.dataset}")
+        method = f" ({base.weighting})" if base.weighting else ""
+        plot(
+            configs, rows, task_names, os.path.join(workdir, "sweep.png"), f"{base.algorithm}{method} on {base.dataset}"
+        )
     if diverged:
         say(f"{len(diverged)} of {len(configs)} configurations diverged (masked): {', '.join(summary['diverged'])}")
     say(f"done in {summary['wall_time_s']:.1f} s; results in {os.path.join(workdir, 'results.csv')}")
@@ -515,9 +524,10 @@ def _restored_divergence(workdir: str, names: Sequence[str], rounds, done: int) 
     return diverged
 
 
-def _write_csv(path, results, task_names):
+def _write_csv(path, results, task_names, leading: Sequence[str] = ()):
+    # ``leading``: extra per-result columns before the others (run_weightings: "weighting").
     per_task = ("final_task_loss", "final_task_weight", "final_test_loss", "final_test_metric")
-    header = ["name", *SWEPT, "diverged_round", "divergence"]
+    header = [*leading, "name", *SWEPT, "diverged_round", "divergence"]
     header += [f"{key}/{task}" for key in per_task for task in task_names]
     blank = [""] * len(task_names)
     with open(path, "w", newline="") as f:
@@ -527,6 +537,7 @@ def _write_csv(path, results, task_names):
             fields = [r["diverged_round"], r["divergence"]]
             out.writerow(
                 [
+                    *(r[k] for k in leading),
                     r["name"],
                     *(r[k] for k in SWEPT),
                     *("" if v is None else v for v in fields),
@@ -558,8 +569,12 @@ def plot(
 
     groups: dict[str, list[int]] = {}
     setting_fields = [f for f in varied(configs) if f != "seed"]
+    methods = len({c.weighting_name for c in configs}) > 1  # run_weightings: one group per method and setting
     for i, config in enumerate(configs):
-        groups.setdefault(config_name(config, setting_fields) or "all", []).append(i)
+        label = config_name(config, setting_fields)
+        if methods:
+            label = ",".join(filter(None, [config.weighting_name, label]))
+        groups.setdefault(label or "all", []).append(i)
     t = len(task_names)
     fig, axes = plt.subplots(2, t, figsize=(3.2 * t, 6), squeeze=False, sharex=True)
     for g, (label, members) in enumerate(groups.items()):
@@ -591,3 +606,59 @@ def plot(
     fig.tight_layout(rect=(0, 0.04 * math.ceil(len(groups) / 4), 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def run_weightings(
+    base: training.ExperimentConfig,
+    methods: Sequence[str],
+    values: Mapping[str, Sequence],
+    workdir: str,
+    log: TextIO | None = sys.stdout,
+    **kwargs,
+) -> list[dict]:
+    """Runs the same grid for several weighting methods (``experiments.sweep --weightings=...``).
+
+    Each method is one sweep (one compiled program) in ``workdir/<method>``,
+    exactly as :func:`run_sweep` with ``--weighting=<method>`` writes it (and
+    resumes it). ``workdir`` then gets the combined ``results.json`` and
+    ``results.csv`` (a leading ``weighting`` column) and ``weightings.png``
+    (the curves of every method, mean and band over seeds).
+
+    Args:
+      base: settings shared by all runs (its ``weighting`` is replaced).
+      methods: weighting names (:data:`fgn_jax.weightings.WEIGHTINGS`).
+      values: the grid, see :func:`grid`.
+      workdir: output directory.
+      log: where progress lines go (None: silent).
+      **kwargs: passed to :func:`run_sweep` (``sweep_devices``,
+        ``on_divergence``, ``overwrite``, ``on_event``).
+
+    Returns:
+      Every method's result rows, each with its ``weighting``.
+
+    Raises:
+      As :func:`run_sweep`; ``--weightings`` with an unknown or no name.
+    """
+    methods = list(dict.fromkeys(methods))
+    unknown = [m for m in methods if m not in weightings.WEIGHTINGS]
+    if unknown or not methods:
+        problem = f"unknown weighting {unknown[0]!r}" if unknown else "no method given"
+        raise training.ConfigError(f"--weightings: {problem}; choose from {', '.join(weightings.WEIGHTINGS)}")
+    results, configs, rows = [], [], []
+    task_names = None
+    for method in methods:
+        config = dataclasses.replace(base, weighting=method)
+        if log is not None and jax.process_index() == 0:
+            print(f"weighting {method}:", file=log, flush=True)
+        sub = os.path.join(workdir, method)
+        mine = run_sweep(config, values, sub, log=log, **kwargs)
+        results += [{"weighting": method, **r} for r in mine]
+        configs += grid(config, values)
+        rows += [workdir_lib.read_metrics(os.path.join(sub, r["name"])) for r in mine]
+        with open(os.path.join(sub, workdir_lib.CONFIG)) as f:
+            task_names = json.load(f)["task_names"]
+    if jax.process_index() == 0:
+        workdir_lib.write_json_atomic(os.path.join(workdir, "results.json"), results)
+        _write_csv(os.path.join(workdir, "results.csv"), results, task_names, leading=("weighting",))
+        plot(configs, rows, task_names, os.path.join(workdir, "weightings.png"), f"{base.algorithm} on {base.dataset}")
+    return results

@@ -6,9 +6,10 @@ The entry point parses flags into an :class:`ExperimentConfig` and calls
 * ``config.json``: every setting, the task names in order, the package version;
 * ``metrics.jsonl``: one JSON object per round: ``round``, and per task (lists
   in task order) ``task_loss`` (L_k(t) measured in step 3 of the round),
-  ``grad_norm`` (g_k, unweighted) and ``task_weight`` (the weights p^t used in
-  that round's aggregation); rounds at the evaluation interval also carry
-  ``test_loss`` and ``test_metric`` (held-out, after the round);
+  ``grad_norm`` (g_k, unweighted) and ``task_weight`` (the coefficient of each
+  task's aggregated update in that round, set by the ``--weighting`` method);
+  rounds at the evaluation interval also carry ``test_loss`` and
+  ``test_metric`` (held-out, after the round);
 * ``summary.json``: the final metrics and the wall time.
 """
 
@@ -28,7 +29,7 @@ import jax
 import numpy as np
 
 import fgn_jax
-from fgn_jax import algorithms, checkpoint, models, optimizers, sharding, simulate
+from fgn_jax import algorithms, checkpoint, models, optimizers, sharding, simulate, weightings
 from fgn_jax import workdir as workdir_lib
 from fgn_jax.data import loaders, partition, synthetic
 from fgn_jax.data import pool as pool_lib
@@ -74,6 +75,11 @@ class ExperimentConfig:
     alpha: float = 1.5
     weight_lr: float = 0.05
     weight_eps: float = 1e-3
+    # Task weighting ("": the algorithm's own, fedgradnorm -> gradnorm, fedrep -> equal); fgn_jax/weightings.
+    weighting: str = ""
+    dwa_temperature: float = 2.0  # --weighting=dwa: softmax temperature
+    cagrad_c: float = 0.5  # --weighting=cagrad: radius of the ball around the mean update (times its norm)
+    uncertainty_lr: float = 0.05  # --weighting=uncertainty: gradient step of the log-variances
     seed: int = 0
     data_seed: int = 0
     log_every: int = 10
@@ -130,6 +136,27 @@ class ExperimentConfig:
             bad("weight_lr", f"must be >= 0, got {self.weight_lr}")
         if not 0 < self.weight_eps < 1:
             bad("weight_eps", f"must be in (0, 1), got {self.weight_eps}")
+        if self.weighting and self.weighting not in weightings.WEIGHTINGS:
+            bad(
+                "weighting",
+                f"unknown weighting {self.weighting!r}; choose one of {', '.join(weightings.WEIGHTINGS)} "
+                "(empty: the algorithm's own)",
+            )
+        if not self.dwa_temperature > 0:
+            bad("dwa_temperature", f"must be > 0, got {self.dwa_temperature}")
+        if not self.cagrad_c >= 0:
+            bad("cagrad_c", f"must be >= 0, got {self.cagrad_c}")
+        if not self.uncertainty_lr >= 0:
+            bad("uncertainty_lr", f"must be >= 0, got {self.uncertainty_lr}")
+        # Gram methods need each task's update at the server; over-the-air aggregation (a field
+        # another change adds) sums the clients' signals in the channel and never delivers them.
+        aggregation = getattr(self, "aggregation", "ideal")
+        if self.weighting_name in weightings.NEEDS_TASK_UPDATES and aggregation != "ideal":
+            bad(
+                "weighting",
+                f"{self.weighting_name!r} needs the per-task updates at the server, which over-the-air "
+                f"aggregation (--aggregation={aggregation}) does not deliver; use --aggregation=ideal",
+            )
         if not self.imbalance >= 0:
             bad("imbalance", f"must be >= 0, got {self.imbalance}")
         if not self.dirichlet_beta >= 0:
@@ -157,8 +184,21 @@ class ExperimentConfig:
         if self.num_devices > 1 and self.client_execution != "vmap":
             bad("num_devices", "sharding the clients over devices needs --client_execution=vmap")
 
+    @property
+    def weighting_name(self) -> str:
+        """The weighting this run uses (``--weighting``, or the algorithm's own)."""
+        return self.weighting or algorithms.WEIGHTING_OF_ALGORITHM.get(self.algorithm, "")
+
     def hparams(self) -> algorithms.HParams:
-        return algorithms.HParams.create(self.client_lr, self.server_lr, self.alpha, self.weight_lr)
+        return algorithms.HParams.create(
+            self.client_lr,
+            self.server_lr,
+            self.alpha,
+            self.weight_lr,
+            dwa_temperature=self.dwa_temperature,
+            cagrad_c=self.cagrad_c,
+            uncertainty_lr=self.uncertainty_lr,
+        )
 
 
 def _load_pools(config: ExperimentConfig, num_train: int, num_test: int):
@@ -255,6 +295,7 @@ def build_simulation(config: ExperimentConfig, dataset: pool_lib.FederatedDatase
         client_optimizer=config.client_optimizer,
         server_optimizer=config.server_optimizer,
         weight_eps=config.weight_eps,
+        weighting=config.weighting,
     )
     return simulate.Simulation(
         config=alg_config,
@@ -404,7 +445,8 @@ def train_and_evaluate(
         if on_event is not None:
             on_event(name, done)
 
-    say(f"{config.algorithm} on {config.dataset}: {dataset.num_clients} clients, tasks {', '.join(task_names)}")
+    method = f" (weighting {config.weighting})" if config.weighting else ""
+    say(f"{config.algorithm}{method} on {config.dataset}: {dataset.num_clients} clients, tasks {', '.join(task_names)}")
     say(partition.client_table(dataset))
 
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, workdir_lib.CHECKPOINTS), keep=config.keep_checkpoints)

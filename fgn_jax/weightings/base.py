@@ -59,6 +59,12 @@ class TaskStats(NamedTuple):
     weight: jax.Array  # [T] the weights applied this round
 
 
+class TaskCount(NamedTuple):
+    """The state of a method without memory: only the task count (a leaf, so it checkpoints)."""
+
+    num_tasks: jax.Array  # [] int32
+
+
 class Weighting(NamedTuple):
     init: Callable[[int], Any]
     weights: Callable[[Any, RoundInputs], jax.Array]
@@ -70,3 +76,13 @@ def task_gram(task_updates) -> jax.Array:
     """``[T, T]`` Gram matrix ``D D^T`` of per-task updates (a pytree of ``[T, ...]`` leaves)."""
     flat = [jnp.reshape(x, (x.shape[0], -1)) for x in jax.tree.leaves(task_updates)]
     return sum(f @ f.T for f in flat)
+
+
+def num_present(present: jax.Array) -> jax.Array:
+    """``[]`` float32: how many tasks are present (the scale of the Gram methods' coefficients).
+
+    With one client per task the server's update is ``(1/|P|) sum_k w_k D_k``
+    over the present tasks P, so coefficients ``w = |P| lambda`` apply exactly
+    ``sum_k lambda_k D_k``; with all tasks present ``|P| = T``.
+    """
+    return jnp.sum(present.astype(jnp.float32))
