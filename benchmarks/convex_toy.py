@@ -224,8 +224,9 @@ def run_one(args, sim, env, seed) -> dict:
     hparams = algorithms.HParams.create(1.0, args.server_lr, args.alpha, args.weight_lr)
     state = sim.init(jax.random.key(seed), env, hparams)
     a, b, task_index = client_quadratics(env, jax.device_get(state.clients.head))
-    # Step 1/L of the equal-weight objective's smoothness (unless --client_lr is set).
-    smooth = float(np.linalg.eigvalsh(a.mean(axis=0)).max())
+    # Step 1/L_max, L_max the largest client smoothness (unless --client_lr is set): every client's
+    # local step is then a contraction, whatever tau_shared.
+    smooth = float(max(np.linalg.eigvalsh(a_c).max() for a_c in a))
     client_lr = args.client_lr or 1.0 / smooth
     hparams = algorithms.HParams.create(client_lr, args.server_lr, args.alpha, args.weight_lr)
     thetas = [np.asarray(models.get_last_shared_kernel(state.server.trunk), np.float64).reshape(-1)]
@@ -235,6 +236,8 @@ def run_one(args, sim, env, seed) -> dict:
         thetas.append(np.asarray(models.get_last_shared_kernel(state.server.trunk), np.float64).reshape(-1))
         weights.append(np.asarray(m["task_weight"][0], np.float64))
     thetas, weights = np.stack(thetas), np.stack(weights)
+    if not np.all(np.isfinite(thetas)):
+        raise SystemExit(f"{sim.config.algorithm}, seed {seed}: the trunk diverged (lower --client_lr)")
     final_w = weights[-1]
     m_fin, v_fin = round_map(a, b, task_index, final_w, client_lr, args.server_lr, args.tau_shared)
     star = fixed_point(m_fin, v_fin)
@@ -311,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale_spread", type=float, default=4.0, help="task target scales: geometric in [1, this]")
     p.add_argument("--noise", type=float, default=0.1)
     p.add_argument("--tau_shared", type=int, default=1)
-    p.add_argument("--client_lr", type=float, default=0.0, help="0: 1/L, L the equal-weight smoothness")
+    p.add_argument("--client_lr", type=float, default=0.0, help="0: 1/L_max, the largest client smoothness")
     p.add_argument("--server_lr", type=float, default=1.0)
     p.add_argument("--alpha", type=float, default=1.5)
     p.add_argument("--weight_lr", type=float, default=0.05)

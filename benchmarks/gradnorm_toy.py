@@ -150,9 +150,11 @@ def run_one(args, sim, env, hparams, seed) -> dict:
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman rank correlation (no ties expected: continuous values)."""
+    """Spearman rank correlation (no ties expected: continuous values); NaN if either is constant."""
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
+        return float("nan")
     ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
-    return float(np.corrcoef(ra, rb)[0, 1]) if np.std(ra) > 0 and np.std(rb) > 0 else float("nan")
+    return float(np.corrcoef(ra, rb)[0, 1])
 
 
 def summarise(runs: list[dict], sigma: np.ndarray, const_mse: np.ndarray) -> dict:

@@ -73,7 +73,7 @@ def test_tau_head_zero_keeps_the_head():
 
 
 CONVEX_TOY = [
-    "--rounds=60",
+    "--rounds=200",
     "--seeds=2",
     "--tasks=3",
     "--input_dim=4",
@@ -148,6 +148,8 @@ def test_gradnorm_toy(tmp_path):
     assert on_disk["gradnorm"]["alpha"] == pytest.approx(0.12)
     assert on_disk["gradnorm"]["task_weight"] == results["gradnorm_alpha_0.12"]["task_weight"]
     assert on_disk["equal"]["task_weight"] == [1.0, 1.0, 1.0]
+    assert on_disk["equal"]["spearman_weight_sigma"] is None  # constant weights have no rank order
+    assert gradnorm_toy.spearman(np.array([3.0, 2.0, 1.0]), np.array([1.0, 10.0, 100.0])) == pytest.approx(-1.0)
     curves = common.read_jsonl(os.path.join(tmp_path, "curves.jsonl"))
     assert {r["round"] for r in curves} == set(range(6))
     for r in curves:
