@@ -60,6 +60,11 @@ from fgn_jax.types import Params, PRNGKey
 from fgn_jax.weightings import base as weighting_base
 
 ALGORITHMS = ("fedgradnorm", "fedrep", "local", "centralized")
+# How a client draws a minibatch from its own range: "replacement" (uniform,
+# with replacement; the default) or "cycle" (its examples in order, wrapping
+# around: deterministic; with batch_size a multiple of the client's size, a
+# step's gradient is exactly the full-batch gradient).
+SAMPLINGS = ("replacement", "cycle")
 # The weighting each algorithm name stands for (``--weighting`` overrides it).
 WEIGHTING_OF_ALGORITHM = {"fedgradnorm": "gradnorm", "fedrep": "equal", "local": "equal", "centralized": "equal"}
 # Reference algorithms (module docstring): no federated aggregation.
@@ -94,12 +99,14 @@ class AlgorithmConfig:
 
     algorithm: str = "fedgradnorm"
     trunk: str = "mtfl"
+    trunk_width: int = 0  # features of the trunk's last layer; 0: the trunk's own default
     conv_impl: str = "auto"
     max_outputs: int = 10
     num_tasks: int = 5
-    tau_head: int = 1
+    tau_head: int = 1  # 0: no head phase, every head stays at its initial value (frozen heads)
     tau_shared: int = 1
     batch_size: int = 32
+    sampling: str = "replacement"  # one of SAMPLINGS
     client_optimizer: str = "sgd"
     server_optimizer: str = "sgd"
     weight_eps: float = 1e-3
@@ -111,6 +118,10 @@ class AlgorithmConfig:
             raise ValueError(f"unknown algorithm {self.algorithm!r}; choose one of {ALGORITHMS}")
         if self.weighting_name not in weightings.WEIGHTINGS:
             raise ValueError(f"unknown weighting {self.weighting!r}; choose one of {weightings.WEIGHTINGS}")
+        if self.sampling not in SAMPLINGS:
+            raise ValueError(f"unknown sampling {self.sampling!r}; choose one of {SAMPLINGS}")
+        if self.tau_head < 0 or self.tau_shared < 1:
+            raise ValueError(f"need tau_head >= 0 and tau_shared >= 1, got {self.tau_head}, {self.tau_shared}")
         if self.aggregation not in aggregation_lib.AGGREGATIONS:
             raise ValueError(
                 f"unknown aggregation {self.aggregation!r}; choose one of {tuple(aggregation_lib.AGGREGATIONS)}"
@@ -191,8 +202,12 @@ class FederatedAlgorithm(NamedTuple):
     central_server_step: Callable  # centralized: (server, outputs, infos) -> server
 
 
-def _sample(key: PRNGKey, x, y, offset, size, batch_size):
-    idx = offset + jax.random.randint(key, (batch_size,), 0, jnp.maximum(size, 1))
+def _sample(key: PRNGKey, x, y, offset, size, batch_size, sampling: str = "replacement"):
+    if sampling == "cycle":
+        # Deterministic: the key is unused, every step sees the same examples.
+        idx = offset + jnp.arange(batch_size) % jnp.maximum(size, 1)
+    else:
+        idx = offset + jax.random.randint(key, (batch_size,), 0, jnp.maximum(size, 1))
     return x[idx], y[idx]
 
 
@@ -204,7 +219,8 @@ def build(config: AlgorithmConfig, hparams: HParams, input_shape: tuple[int, ...
       hparams: float hyperparameters (may be tracers inside a vmapped sweep).
       input_shape: shape of one example, e.g. ``(40, 40, 1)``.
     """
-    trunk_model = models.TRUNKS[config.trunk](conv_impl=config.conv_impl)
+    width = {"features": config.trunk_width} if config.trunk_width else {}
+    trunk_model = models.TRUNKS[config.trunk](conv_impl=config.conv_impl, **width)
     head_model = models.Head(config.max_outputs)
     client_tx = optimizers.make(config.client_optimizer, hparams.client_lr)
     server_tx = optimizers.make(config.server_optimizer, hparams.server_lr)
@@ -216,7 +232,9 @@ def build(config: AlgorithmConfig, hparams: HParams, input_shape: tuple[int, ...
         return trunk_model.apply(trunk, x)
 
     def sample_minibatch(key, info, data):
-        return _sample(key, data.train_x, data.train_y, info.train_offset, info.train_size, config.batch_size)
+        return _sample(
+            key, data.train_x, data.train_y, info.train_offset, info.train_size, config.batch_size, config.sampling
+        )
 
     def loss_from_features(head, feats, y, task):
         return jnp.mean(tasks_lib.per_example_loss(head_model.apply(head, feats), y, task))

@@ -329,7 +329,46 @@ class Head(nn.Module):
         return nn.Dense(self.max_outputs, name="out")(features)
 
 
-TRUNKS = {"mtfl": MTFLTrunk, "radcom": RadComTrunk}
+class MLPTrunk(nn.Module):
+    """Fully connected ReLU trunk: ``depth`` dense layers of width ``features``.
+
+    GradNorm's toy (Chen et al., ICML 2018, section 4) uses a 4-layer ReLU
+    network of width 100 as the shared trunk. Inputs of any shape are
+    flattened. The last layer is the shared feature (``W``), named
+    :data:`FEATURE_LAYER` like every trunk's. ``conv_impl`` is accepted for a
+    uniform constructor and ignored.
+    """
+
+    features: int = 100
+    depth: int = 4
+    conv_impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.reshape(x.shape[0], -1)
+        for i in range(self.depth - 1):
+            x = nn.relu(nn.Dense(self.features, name=f"dense{i}")(x))
+        return nn.relu(nn.Dense(self.features, name=FEATURE_LAYER)(x))
+
+
+class LinearTrunk(nn.Module):
+    """One bias-free dense layer, no activation: ``features = x W`` (inputs flattened).
+
+    With frozen heads (``tau_head=0``) and the squared error, every client's
+    loss is a quadratic in ``W``: the convex toy of benchmarks/convex_toy.py,
+    where the optimum is known in closed form. No bias keeps the parameters
+    one matrix, which is also the last shared kernel.
+    """
+
+    features: int = 4
+    conv_impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return nn.Dense(self.features, use_bias=False, name=FEATURE_LAYER)(x.reshape(x.shape[0], -1))
+
+
+TRUNKS = {"mtfl": MTFLTrunk, "radcom": RadComTrunk, "mlp": MLPTrunk, "linear": LinearTrunk}
 
 
 def last_shared_kernel_path() -> tuple[str, ...]:
