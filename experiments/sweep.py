@@ -5,7 +5,9 @@
 
 Every train flag (python -m experiments.train --helpfull) sets the values
 shared by the grid; the list flags below override --seed, --alpha,
---weight_lr, --client_lr and --server_lr. Writes one directory per
+--weight_lr, --client_lr, --server_lr and, for --aggregation=ota|hota, the
+channel's --snr_db, --ps_snr_db and --truncation_q (e.g. --snr_dbs=-10,0,10,20,inf
+runs the whole SNR curve as one program). Writes one directory per
 configuration (config.json, metrics.jsonl), results.csv/json (final metrics)
 and sweep.png (loss and task-weight curves, mean and spread over seeds); see
 fgn_jax/sweep.py. Re-running the same command on the same --workdir resumes
@@ -37,6 +39,11 @@ _LISTS = {
     "weight_lr": flags.DEFINE_list("weight_lrs", [], "Task-weight learning rates; default: --weight_lr."),
     "client_lr": flags.DEFINE_list("client_lrs", [], "Client learning rates; default: --client_lr."),
     "server_lr": flags.DEFINE_list("server_lrs", [], "Server learning rates; default: --server_lr."),
+    "snr_db": flags.DEFINE_list("snr_dbs", [], "Client -> receiver SNRs in dB ('inf' allowed); default: --snr_db."),
+    "ps_snr_db": flags.DEFINE_list("ps_snr_dbs", [], "IS -> PS SNRs in dB ('inf' allowed); default: --ps_snr_db."),
+    "truncation_q": flags.DEFINE_list(
+        "truncation_qs", [], "tci non-truncation probabilities; default: --truncation_q."
+    ),
 }
 _SWEEP_DEVICES = flags.DEFINE_integer(
     "sweep_devices", 1, "Devices along the configuration axis; the client axis gets the rest of --num_devices."
