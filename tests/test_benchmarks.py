@@ -98,3 +98,25 @@ def test_convergence_toy(tmp_path):
         assert sum(alg["final_task_weight"]) == pytest.approx(k, rel=1e-4)
     assert a["fedrep"]["final_task_weight"] == [1.0] * k
     assert os.path.getsize(os.path.join(tmp_path, "convergence_synthetic_radcom_balanced.png")) > 0
+
+
+@pytest.mark.slow
+def test_channel_robustness_toy(tmp_path):
+    from benchmarks import channel_robustness
+
+    rows = channel_robustness.main(["--toy", f"--workdir={tmp_path}"])
+    on_disk = common.read_jsonl(os.path.join(tmp_path, "channel_robustness.jsonl"))
+    assert [r["record"] for r in on_disk] == ["machine", "setting"] == [r["record"] for r in rows]
+    setting = rows[1]
+    assert setting["snr_dbs"] == [0.0, math.inf] and setting["power_control"] == "tci"
+    methods = setting["analysis"]["methods"]
+    assert set(methods) == {"equal", "unaware", "aware"}
+    for per_snr in methods.values():
+        assert set(per_snr) == {"0.0", "inf"}
+        for r in per_snr.values():
+            loss = r["final_relative_loss"]["mean"][0]
+            assert loss is not None and 0 < loss < 2  # a loss relative to round 0
+            assert len(r["final_test_metric"]["mean"]) == 3
+    # The target comes from equal weights at SNR = inf: 90% of its loss reduction, so a relative loss below 1.
+    assert all(0 < t < 1 for t in setting["analysis"]["target_relative_loss"])
+    assert os.path.getsize(os.path.join(tmp_path, "channel_robustness.png")) > 1000
