@@ -117,6 +117,7 @@ def test_channel_robustness_toy(tmp_path):
             loss = r["final_relative_loss"]["mean"][0]
             assert loss is not None and 0 < loss < 2  # a loss relative to round 0
             assert len(r["final_test_metric"]["mean"]) == 3
-    # The target comes from equal weights at SNR = inf: 90% of its loss reduction, so a relative loss below 1.
-    assert all(0 < t < 1 for t in setting["analysis"]["target_relative_loss"])
+    # The target comes from equal weights at SNR = inf (relative to round 0, so finite and positive).
+    assert setting["analysis"]["reference_snr_db"] == math.inf
+    assert all(math.isfinite(t) and t > 0 for t in setting["analysis"]["target_relative_loss"])
     assert os.path.getsize(os.path.join(tmp_path, "channel_robustness.png")) > 1000
