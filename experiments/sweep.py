@@ -5,13 +5,15 @@
 
 Every train flag (python -m experiments.train --helpfull) sets the values
 shared by the grid; the list flags below override --seed, --alpha,
---weight_lr, --client_lr, --server_lr, --dwa_temperature, --cagrad_c and
---uncertainty_lr. Writes one directory per configuration (config.json,
-metrics.jsonl), results.csv/json (final metrics) and sweep.png (loss and
-task-weight curves, mean and spread over seeds); see fgn_jax/sweep.py.
-Re-running the same command on the same --workdir resumes from the latest
-checkpoint (--checkpoint_every); a different sweep there is refused unless
---overwrite. Invalid flags print one line and exit with code 2;
+--weight_lr, --client_lr, --server_lr, --dwa_temperature, --cagrad_c,
+--uncertainty_lr and, for --aggregation=ota|hota, the channel's --snr_db,
+--ps_snr_db and --truncation_q (e.g. --snr_dbs=-10,0,10,20,inf runs the
+whole SNR curve as one program). Writes one directory per
+configuration (config.json, metrics.jsonl), results.csv/json (final metrics)
+and sweep.png (loss and task-weight curves, mean and spread over seeds); see
+fgn_jax/sweep.py. Re-running the same command on the same --workdir resumes
+from the latest checkpoint (--checkpoint_every); a different sweep there is
+refused unless --overwrite. Invalid flags print one line and exit with code 2;
 a NaN/Inf with --on_divergence=stop exits with code 3 (--on_divergence=mask
 freezes the diverged configurations instead and records them in results.csv).
 
@@ -47,6 +49,11 @@ _LISTS = {
     "cagrad_c": flags.DEFINE_list("cagrad_cs", [], "CAGrad ball radii c; default: --cagrad_c."),
     "uncertainty_lr": flags.DEFINE_list(
         "uncertainty_lrs", [], "Uncertainty-weighting log-variance steps; default: --uncertainty_lr."
+    ),
+    "snr_db": flags.DEFINE_list("snr_dbs", [], "Client -> receiver SNRs in dB ('inf' allowed); default: --snr_db."),
+    "ps_snr_db": flags.DEFINE_list("ps_snr_dbs", [], "IS -> PS SNRs in dB ('inf' allowed); default: --ps_snr_db."),
+    "truncation_q": flags.DEFINE_list(
+        "truncation_qs", [], "tci non-truncation probabilities; default: --truncation_q."
     ),
 }
 _WEIGHTINGS = flags.DEFINE_list(

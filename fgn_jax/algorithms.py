@@ -54,6 +54,7 @@ import jax.numpy as jnp
 import optax
 
 from fgn_jax import aggregation as aggregation_lib
+from fgn_jax import channel as channel_lib
 from fgn_jax import models, optimizers, weightings
 from fgn_jax import tasks as tasks_lib
 from fgn_jax.types import Params, PRNGKey
@@ -79,17 +80,44 @@ class HParams:
     server_lr: jax.Array
     alpha: jax.Array
     weight_lr: jax.Array
-    dwa_temperature: jax.Array  # DWA's softmax temperature (fgn_jax.weightings.dwa)
-    cagrad_c: jax.Array  # CAGrad's ball radius c (fgn_jax.weightings.cagrad)
-    uncertainty_lr: jax.Array  # step of the log-variances (fgn_jax.weightings.uncertainty)
+    dwa_temperature: jax.Array = 2.0  # DWA's softmax temperature (fgn_jax.weightings.dwa)
+    cagrad_c: jax.Array = 0.5  # CAGrad's ball radius c (fgn_jax.weightings.cagrad)
+    uncertainty_lr: jax.Array = 0.05  # step of the log-variances (fgn_jax.weightings.uncertainty)
+    # Channel knobs (fgn_jax.channel; used by the ota/hota aggregations only).
+    snr_db: jax.Array = 10.0  # client -> receiver SNR per entry, dB (inf: no noise)
+    ps_snr_db: jax.Array = 20.0  # IS -> PS SNR per entry, dB (inf: no noise)
+    truncation_q: jax.Array = 0.8  # tci non-truncation probability q
+    rician_k: jax.Array = 3.0  # Rician K factor (linear)
 
     @classmethod
     def create(
-        cls, client_lr, server_lr, alpha, weight_lr, dwa_temperature=2.0, cagrad_c=0.5, uncertainty_lr=0.05
+        cls,
+        client_lr,
+        server_lr,
+        alpha,
+        weight_lr,
+        dwa_temperature=2.0,
+        cagrad_c=0.5,
+        uncertainty_lr=0.05,
+        *,
+        snr_db=10.0,
+        ps_snr_db=20.0,
+        truncation_q=0.8,
+        rician_k=3.0,
     ) -> "HParams":
         f = lambda v: jnp.asarray(v, jnp.float32)  # noqa: E731
         return cls(
-            f(client_lr), f(server_lr), f(alpha), f(weight_lr), f(dwa_temperature), f(cagrad_c), f(uncertainty_lr)
+            f(client_lr),
+            f(server_lr),
+            f(alpha),
+            f(weight_lr),
+            f(dwa_temperature),
+            f(cagrad_c),
+            f(uncertainty_lr),
+            snr_db=f(snr_db),
+            ps_snr_db=f(ps_snr_db),
+            truncation_q=f(truncation_q),
+            rician_k=f(rician_k),
         )
 
 
@@ -112,6 +140,7 @@ class AlgorithmConfig:
     weight_eps: float = 1e-3
     weighting: str = ""  # "": the algorithm's own (WEIGHTING_OF_ALGORITHM)
     aggregation: str = "ideal"
+    channel: channel_lib.ChannelConfig = channel_lib.ChannelConfig()  # used by ota / hota
 
     def __post_init__(self):
         if self.algorithm not in ALGORITHMS:
@@ -149,6 +178,7 @@ class ClientInfo:
     test_offset: jax.Array  # int32
     test_size: jax.Array  # int32
     mask: jax.Array  # float32, 1 for a real client, 0 for padding
+    distance: jax.Array  # float32, distance to the receiver (path loss of ota / hota; 1: none)
 
 
 @struct.dataclass
@@ -200,6 +230,10 @@ class FederatedAlgorithm(NamedTuple):
     head_model: nn.Module
     central_client_step: Callable  # centralized: (trunk, client, info, data, key) -> (client, ClientOutput)
     central_server_step: Callable  # centralized: (server, outputs, infos) -> server
+    aggregator: aggregation_lib.Aggregator
+    # (server, outputs, infos, key, clients, local_round) -> (server, clients, metrics): the round's server
+    # side for a hierarchical aggregator (aggregation.run_hierarchical calls local_round for rounds e >= 1).
+    hierarchical_update: Callable
 
 
 def _sample(key: PRNGKey, x, y, offset, size, batch_size, sampling: str = "replacement"):
@@ -226,7 +260,10 @@ def build(config: AlgorithmConfig, hparams: HParams, input_shape: tuple[int, ...
     server_tx = optimizers.make(config.server_optimizer, hparams.server_lr)
     # The two seams the round calls: how tasks are weighted, how updates are aggregated.
     weighting = weightings.make(config.weighting_name, hparams, eps=config.weight_eps)
-    aggregator = aggregation_lib.AGGREGATIONS[config.aggregation]()
+    aggregator = aggregation_lib.AGGREGATIONS[config.aggregation](config.channel, hparams)
+    if config.aggregation != "ideal" and weighting.needs_task_updates:
+        # Over the air the server only receives the superposed sum, never the per-task updates.
+        raise ValueError(f"aggregation {config.aggregation!r} cannot serve the weighting {config.weighting_name!r}")
 
     def features(trunk, x):
         return trunk_model.apply(trunk, x)
@@ -332,11 +369,13 @@ def build(config: AlgorithmConfig, hparams: HParams, input_shape: tuple[int, ...
         updates, opt_state = client_tx.update(grad, server.opt_state, server.trunk)
         return server.replace(trunk=optax.apply_updates(server.trunk, updates), opt_state=opt_state)
 
-    def server_update(server: ServerState, outputs: ClientOutput, infos: ClientInfo, key: PRNGKey):
-        """One round's server step: task weights, aggregation, server optimiser, weighting update.
+    def server_round(server: ServerState, outputs: ClientOutput, infos: ClientInfo, key: PRNGKey, aggregate):
+        # The server side of a round; aggregate(deltas, coef, key) -> (delta, report, extra).
+        """The server side of a round: task weights, aggregation, server optimiser, weighting update.
 
-        ``local`` and ``centralized`` (whose trunk moved during the round's
-        steps) aggregate nothing: only the metrics and the round counter.
+        ``aggregate(deltas, coef, key) -> (delta, report, extra)``. ``local``
+        and ``centralized`` (whose trunk moved during the round's steps)
+        aggregate nothing: only the metrics and the round counter.
         """
         k_weights, k_channel = jax.random.split(key)
         # [C, T] membership of each used client in each task (padding and
@@ -360,21 +399,47 @@ def build(config: AlgorithmConfig, hparams: HParams, input_shape: tuple[int, ...
         weights = weighting.weights(server.weighting, weighting_base.RoundInputs(k_weights, present, gram))
         if config.algorithm in REFERENCES:
             ones = jnp.ones_like(infos.mask)
-            trunk, opt_state, report = server.trunk, server.opt_state, aggregation_lib.ChannelReport(ones, ones)
+            trunk, opt_state, extra = server.trunk, server.opt_state, None
+            report = aggregation_lib.ChannelReport(ones, ones)
         else:
             client_weight = infos.mask * weights[infos.task_index]
-            delta, report = aggregator.aggregate(outputs.delta, client_weight, infos, k_channel)
+            delta, report, extra = aggregate(outputs.delta, client_weight, k_channel)
             # The server optimiser gets -delta as a gradient.
             neg = jax.tree.map(jnp.negative, delta)
             updates, opt_state = server_tx.update(neg, server.opt_state, server.trunk)
             trunk = optax.apply_updates(server.trunk, updates)
         # 6. The weighting's step (GradNorm: on per-task means over each task's clients).
+        # The channel-aware step sees the effective gain a-bar; channel-unaware GradNorm sees 1.
         task_gain = per_task(report.gain)
-        stats = weighting_base.TaskStats(task_loss, task_grad_norm, present, task_gain, weights)
+        weight_gain = task_gain if config.channel.channel_aware else jnp.ones_like(task_gain)
+        stats = weighting_base.TaskStats(task_loss, task_grad_norm, present, weight_gain, weights)
         new_weighting = weighting.update(server.weighting, stats)
-        metrics = {"task_loss": task_loss, "grad_norm": task_grad_norm, "task_weight": weights}
+        metrics = {
+            "task_loss": task_loss,
+            "grad_norm": task_grad_norm,
+            "task_weight": weights,
+            "participation": per_task(report.participation),
+            "channel_gain": task_gain,
+        }
         new_server = ServerState(trunk=trunk, opt_state=opt_state, weighting=new_weighting, round=server.round + 1)
+        return new_server, metrics, extra
+
+    def server_update(server: ServerState, outputs: ClientOutput, infos: ClientInfo, key: PRNGKey):
+        if aggregator.hierarchical:
+            raise ValueError(f"aggregation {config.aggregation!r} is hierarchical: use hierarchical_update")
+
+        def aggregate(deltas, coef, k):
+            return (*aggregator.aggregate(deltas, coef, infos, k), None)
+
+        new_server, metrics, _ = server_round(server, outputs, infos, key, aggregate)
         return new_server, metrics
+
+    def hierarchical_update(server, outputs: ClientOutput, infos: ClientInfo, key: PRNGKey, clients, local_round):
+        def aggregate(deltas, coef, k):
+            return aggregation_lib.run_hierarchical(aggregator, deltas, coef, infos, k, clients, local_round)
+
+        new_server, metrics, clients = server_round(server, outputs, infos, key, aggregate)
+        return new_server, clients, metrics
 
     return FederatedAlgorithm(
         init_server,
@@ -385,6 +450,8 @@ def build(config: AlgorithmConfig, hparams: HParams, input_shape: tuple[int, ...
         head_model,
         central_client_step,
         central_server_step,
+        aggregator,
+        hierarchical_update,
     )
 
 

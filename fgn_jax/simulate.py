@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fgn_jax import algorithms, sharding
+from fgn_jax import algorithms, channel, sharding
 from fgn_jax import tasks as tasks_lib
 from fgn_jax.data import pool as pool_lib
 from fgn_jax.types import PRNGKey
@@ -135,6 +135,7 @@ def make_env(
         )
         shift[:c_real], scale[:c_real] = fitted
         shift, scale = shift[order], scale[order]
+    distance = np.ones((c_real,), np.float32) if dataset.client_distance is None else dataset.client_distance
     # Host-side (numpy) first, so that a sharded placement transfers only
     # each process's shards. Padding slots sample row 0 of their block.
     info = algorithms.ClientInfo(
@@ -146,6 +147,7 @@ def make_env(
         test_offset=np.where(real, test.offset, 0).astype(np.int32),
         test_size=slots(dataset.test.size, 1),
         mask=real.astype(np.float32),
+        distance=slots(np.asarray(distance, np.float32), 1.0),
     )
     fields = {
         "train_x": (train, dataset.train.x),
@@ -293,7 +295,25 @@ class Simulation:
                 state.server.trunk, state.clients, env.info, env.data, keys, hparams
             )
         server_key = _server_key(state.key, state.server.round)
-        server, metrics = self.algorithm(hparams).server_update(state.server, outputs, env.info, server_key)
+        alg = self.algorithm(hparams)
+        if not alg.aggregator.hierarchical:
+            server, metrics = alg.server_update(state.server, outputs, env.info, server_key)
+            return SimState(server=server, clients=clients, key=state.key), metrics
+        # Hierarchical aggregation (aggregation.run_hierarchical): intra-cluster
+        # rounds e >= 1 train every client again from its cluster's trunk.
+        cluster = channel.cluster_of(env.info.client_id, env.info.mask, alg.aggregator.num_clusters)
+
+        def local_round(clients, e, offsets):
+            trunks = jax.tree.map(lambda t, o: t[None] + o[cluster], state.server.trunk, offsets)  # [C, ...]
+            e_keys = jax.vmap(lambda k: jax.random.fold_in(k, e))(keys)
+            clients, out = self._per_device(self._update_clients_own_trunk, trunk_per_client=True)(
+                trunks, clients, env.info, env.data, e_keys, hparams
+            )
+            return clients, out.delta
+
+        server, clients, metrics = alg.hierarchical_update(
+            state.server, outputs, env.info, server_key, clients, local_round
+        )
         return SimState(server=server, clients=clients, key=state.key), metrics
 
     def _central_steps(self, state: SimState, env: Env, keys, hparams):
@@ -315,21 +335,31 @@ class Simulation:
         no_delta = jax.tree.map(lambda a: jnp.zeros((keys.shape[0], *a.shape), a.dtype), server.trunk)
         return server, clients, algorithms.ClientOutput(no_delta, loss[0], grad_norm[0])
 
-    def _update_clients(self, trunk, clients, info, data, keys, hparams):
+    def _update_clients(self, trunk, clients, info, data, keys, hparams, trunk_axis=None):
         # ``data`` is this device's block: ``info``'s offsets index into it.
+        # trunk_axis=0: every client has its own trunk (hierarchical rounds e >= 1).
         client_update = self.algorithm(hparams).client_update
         if not self.client_batch or self.client_batch >= keys.shape[0]:
-            return jax.vmap(client_update, in_axes=(None, 0, 0, None, 0))(trunk, clients, info, data, keys)
+            return jax.vmap(client_update, in_axes=(trunk_axis, 0, 0, None, 0))(trunk, clients, info, data, keys)
         # Groups of client_batch clients, vmapped within a group, one group
         # after another: each client computes exactly what it computes under
         # the one vmap, on a working set small enough for the caches.
+        if trunk_axis is None:
+            return jax.lax.map(
+                lambda args: client_update(trunk, args[0], args[1], data, args[2]),
+                (clients, info, keys),
+                batch_size=self.client_batch,
+            )
         return jax.lax.map(
-            lambda args: client_update(trunk, args[0], args[1], data, args[2]),
-            (clients, info, keys),
+            lambda args: client_update(args[3], args[0], args[1], data, args[2]),
+            (clients, info, keys, trunk),
             batch_size=self.client_batch,
         )
 
-    def _per_device(self, fn: Callable) -> Callable:
+    def _update_clients_own_trunk(self, trunks, clients, info, data, keys, hparams):
+        return self._update_clients(trunks, clients, info, data, keys, hparams, trunk_axis=0)
+
+    def _per_device(self, fn: Callable, trunk_per_client: bool = False) -> Callable:
         """``fn(trunk, clients, info, data, *per_client, hparams)`` run on each device's own clients and data.
 
         On a mesh ``fn`` runs under ``jax.shard_map`` over every mesh axis:
@@ -339,7 +369,9 @@ class Simulation:
         block (under plain jit, a gather at per-client offsets into a sharded
         array would all-gather it). Outputs are per-client, ``P("clients")``.
         Inside a sweep's ``vmap(spmd_axis_name="sweep")`` the batched
-        arguments are split over the sweep axis as well. Without a mesh,
+        arguments are split over the sweep axis as well. With
+        ``trunk_per_client`` the trunk has a client axis and is split like
+        the client leaves. Without a mesh,
         ``fn`` is called as is (one block holds every client's examples).
         """
         if self.mesh is None:
@@ -347,7 +379,7 @@ class Simulation:
         c, r = jax.sharding.PartitionSpec(sharding.CLIENT_AXIS), jax.sharding.PartitionSpec()
 
         def call(*args):
-            in_specs = (r, c, c, c, *([c] * (len(args) - 5)), r)
+            in_specs = (c if trunk_per_client else r, c, c, c, *([c] * (len(args) - 5)), r)
             # check_vma=False: the body is per-client math without
             # collectives. With the check on, a client's gradient in the
             # replicated (device-invariant) trunk would be psum-ed over the
@@ -376,7 +408,7 @@ class Simulation:
     def _empty_metrics(self):
         t = self.config.num_tasks
         z = jnp.zeros((t,), jnp.float32)
-        return {"task_loss": z, "grad_norm": z, "task_weight": z}
+        return {"task_loss": z, "grad_norm": z, "task_weight": z, "participation": z, "channel_gain": z}
 
     def run_chunk(self, state: SimState, env: Env, hparams: algorithms.HParams, stop_round) -> tuple[SimState, Any]:
         """Advances up to ``chunk`` rounds, never past ``stop_round``.
@@ -530,6 +562,8 @@ def metrics_rows(chunk_metrics) -> list[dict]:
                 "task_loss": [float(v) for v in m["task_loss"][i]],
                 "grad_norm": [float(v) for v in m["grad_norm"][i]],
                 "task_weight": [float(v) for v in m["task_weight"][i]],
+                "participation": [float(v) for v in m["participation"][i]],
+                "channel_gain": [float(v) for v in m["channel_gain"][i]],
             }
         )
     return rows

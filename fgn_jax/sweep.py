@@ -2,10 +2,11 @@
 
 A sweep is a grid over the seed and the float hyperparameters of
 :class:`~fgn_jax.algorithms.HParams` (``alpha``, ``weight_lr``,
-``client_lr``, ``server_lr``, and the weightings' ``dwa_temperature``,
-``cagrad_c``, ``uncertainty_lr``), everything else fixed. Several weighting
-methods are several programs: :func:`run_weightings` runs one sweep per
-method. Those hyperparameters
+``client_lr``, ``server_lr``, the weightings' ``dwa_temperature``,
+``cagrad_c``, ``uncertainty_lr`` and the channel's ``snr_db``, ``ps_snr_db``,
+``truncation_q`` of over-the-air aggregation), everything else fixed. Several
+weighting methods are several programs: :func:`run_weightings` runs one sweep
+per method. Those hyperparameters
 are pytree leaves, not compile-time constants, so the simulation is vmapped
 over a leading configuration axis ``[S]`` of the state, the keys (one per
 seed) and the hyperparameters (:func:`fgn_jax.simulate.programs` with
@@ -86,7 +87,19 @@ from fgn_jax import workdir as workdir_lib
 
 # ExperimentConfig fields a sweep may vary, in the order of the grid (the
 # seed varies fastest, so the seeds of one setting are neighbours).
-SWEPT = ("alpha", "weight_lr", "client_lr", "server_lr", "dwa_temperature", "cagrad_c", "uncertainty_lr", "seed")
+SWEPT = (
+    "alpha",
+    "weight_lr",
+    "client_lr",
+    "server_lr",
+    "dwa_temperature",
+    "cagrad_c",
+    "uncertainty_lr",
+    "snr_db",
+    "ps_snr_db",
+    "truncation_q",
+    "seed",
+)
 # The list flag of each swept field (experiments/sweep.py), also the keys of the grid in config.json.
 LIST_FLAGS = {
     "alpha": "alphas",
@@ -96,6 +109,9 @@ LIST_FLAGS = {
     "dwa_temperature": "dwa_temperatures",
     "cagrad_c": "cagrad_cs",
     "uncertainty_lr": "uncertainty_lrs",
+    "snr_db": "snr_dbs",
+    "ps_snr_db": "ps_snr_dbs",
+    "truncation_q": "truncation_qs",
     "seed": "seeds",
 }
 ON_DIVERGENCE = ("stop", "mask")

@@ -29,7 +29,8 @@ import jax
 import numpy as np
 
 import fgn_jax
-from fgn_jax import algorithms, checkpoint, models, optimizers, sharding, simulate, weightings
+from fgn_jax import aggregation as aggregation_lib
+from fgn_jax import algorithms, channel, checkpoint, models, optimizers, sharding, simulate, weightings
 from fgn_jax import workdir as workdir_lib
 from fgn_jax.data import loaders, partition, synthetic
 from fgn_jax.data import pool as pool_lib
@@ -94,6 +95,22 @@ class ExperimentConfig:
     # Regression clients predict targets standardised with their own training mean/std (fgn_jax/tasks.py).
     standardize_targets: bool = True
     num_devices: int = 0  # devices the client axis is sharded over (0: all, over all processes)
+    # Over-the-air aggregation (docs/hota.md): ideal (noiseless mean), ota (clients -> PS over a fading
+    # channel) or hota (clients -> intermediate server of their cluster for E rounds -> multi-antenna PS).
+    aggregation: str = "ideal"
+    num_clusters: int = 2  # hota: clusters (clients split evenly; with --num_clients=0, num_clusters x tasks clients)
+    cluster_rounds: int = 2  # hota: E intra-cluster rounds per global round
+    fading: str = "rayleigh"  # none | rayleigh | rician
+    rician_k: float = 3.0  # Rician K factor (linear)
+    power_control: str = "tci"  # tci (truncated channel inversion) | phase (phase-only correction)
+    truncation_q: float = 0.8  # tci: non-truncation probability q in (0, 1]
+    snr_db: float = 10.0  # client -> receiver SNR per entry (dB; inf: no noise)
+    ps_snr_db: float = 20.0  # hota: IS -> PS SNR per entry (dB; inf: no noise)
+    ps_antennas: int = 16  # hota: M antennas at the PS
+    path_loss_exponent: float = 2.0  # beta = distance^(-exponent)
+    distance_range: str = "1,1"  # client distances drawn uniformly in [lo, hi] from --data_seed
+    client_distances: str = ""  # explicit per-client distances, e.g. "1,1,3" (overrides --distance_range)
+    channel_aware: bool = True  # ota/hota: GradNorm sees the channel gain (False: channel-unaware GradNorm)
 
     def validate(self) -> None:
         """Raises ConfigError naming the first invalid flag."""
@@ -173,6 +190,8 @@ class ExperimentConfig:
             bad("client_execution", f"choose one of {', '.join(simulate.CLIENT_EXECUTIONS)}")
         if self.algorithm == "centralized" and self.client_execution != "vmap":
             bad("client_execution", "--algorithm=centralized trains all clients' data jointly; use vmap")
+        if self.algorithm in algorithms.REFERENCES and self.aggregation != "ideal":
+            bad("aggregation", f"--algorithm={self.algorithm} aggregates nothing; use --aggregation=ideal")
         if self.client_batch < 0:
             bad("client_batch", f"must be >= 0 (0 means automatic), got {self.client_batch}")
         if self.conv_impl not in models.CONV_IMPLS:
@@ -183,6 +202,49 @@ class ExperimentConfig:
             bad("num_devices", f"a multi-process run uses all {jax.device_count()} devices; pass 0")
         if self.num_devices > 1 and self.client_execution != "vmap":
             bad("num_devices", "sharding the clients over devices needs --client_execution=vmap")
+        self._validate_channel(bad)
+
+    def _validate_channel(self, bad) -> None:
+        if self.aggregation not in aggregation_lib.AGGREGATIONS:
+            bad("aggregation", f"choose one of {', '.join(aggregation_lib.AGGREGATIONS)}, got {self.aggregation!r}")
+        if self.fading not in channel.FADINGS:
+            bad("fading", f"choose one of {', '.join(channel.FADINGS)}, got {self.fading!r}")
+        if self.power_control not in channel.POWER_CONTROLS:
+            bad("power_control", f"choose one of {', '.join(channel.POWER_CONTROLS)}, got {self.power_control!r}")
+        for flag in ("snr_db", "ps_snr_db"):
+            if not -math.inf < getattr(self, flag) <= math.inf:
+                bad(flag, f"must be a number of dB or inf, got {getattr(self, flag)}")
+        if not 0 < self.truncation_q <= 1:
+            bad("truncation_q", f"must be in (0, 1], got {self.truncation_q}")
+        if not 0 <= self.rician_k < math.inf:
+            bad("rician_k", f"must be >= 0, got {self.rician_k}")
+        if not 0 <= self.path_loss_exponent < math.inf:
+            bad("path_loss_exponent", f"must be >= 0, got {self.path_loss_exponent}")
+        for flag in ("num_clusters", "cluster_rounds", "ps_antennas"):
+            if getattr(self, flag) < 1:
+                bad(flag, f"must be at least 1, got {getattr(self, flag)}")
+        parse_distance_range(self.distance_range)
+        if self.aggregation == "ideal":
+            return
+        if self.client_execution != "vmap":
+            bad("client_execution", f"--aggregation={self.aggregation} needs --client_execution=vmap")
+        num_clients = len(client_task_map(self))
+        if self.aggregation == "hota" and (self.num_clusters > num_clients or num_clients % self.num_clusters):
+            bad("num_clusters", f"{num_clients} clients do not split evenly over {self.num_clusters} clusters")
+        client_distances(self, num_clients)
+
+    def channel_config(self) -> channel.ChannelConfig:
+        """The static channel settings of ``--aggregation`` (one cluster, one round unless hota)."""
+        hierarchical = self.aggregation == "hota"
+        return channel.ChannelConfig(
+            fading=self.fading,
+            power_control=self.power_control,
+            ps_antennas=self.ps_antennas,
+            num_clusters=self.num_clusters if hierarchical else 1,
+            cluster_rounds=self.cluster_rounds if hierarchical else 1,
+            path_loss_exponent=self.path_loss_exponent,
+            channel_aware=self.channel_aware,
+        )
 
     @property
     def weighting_name(self) -> str:
@@ -198,7 +260,43 @@ class ExperimentConfig:
             dwa_temperature=self.dwa_temperature,
             cagrad_c=self.cagrad_c,
             uncertainty_lr=self.uncertainty_lr,
+            snr_db=self.snr_db,
+            ps_snr_db=self.ps_snr_db,
+            truncation_q=self.truncation_q,
+            rician_k=self.rician_k,
         )
+
+
+def parse_distance_range(spec: str) -> tuple[float, float]:
+    """``"lo,hi"`` -> ``(lo, hi)`` with ``0 < lo <= hi``; ConfigError naming --distance_range otherwise."""
+    try:
+        lo, hi = (float(v) for v in spec.split(","))
+    except ValueError:
+        raise ConfigError(f"--distance_range: expected 'lo,hi', got {spec!r}") from None
+    if not 0 < lo <= hi < math.inf:
+        raise ConfigError(f"--distance_range: need 0 < lo <= hi, got {spec!r}")
+    return lo, hi
+
+
+def client_distances(config: ExperimentConfig, num_clients: int) -> np.ndarray:
+    """``[C]`` distance of each client to its receiver: ``--client_distances``, or uniform in ``--distance_range``.
+
+    Drawn host-side from ``--data_seed`` (a stream of its own), so they are
+    data: the same for every seed of a sweep and on every process.
+    """
+    if config.client_distances:
+        try:
+            d = np.asarray([float(v) for v in config.client_distances.split(",")], np.float32)
+        except ValueError as e:
+            raise ConfigError(f"--client_distances: {e}") from None
+        if len(d) != num_clients:
+            raise ConfigError(f"--client_distances: {len(d)} distances for {num_clients} clients")
+        if not np.all((d > 0) & np.isfinite(d)):
+            raise ConfigError(f"--client_distances: distances must be finite and > 0, got {config.client_distances}")
+        return d
+    lo, hi = parse_distance_range(config.distance_range)
+    rng = np.random.default_rng([config.data_seed, 0xD157])
+    return rng.uniform(lo, hi, num_clients).astype(np.float32)
 
 
 def _load_pools(config: ExperimentConfig, num_train: int, num_test: int):
@@ -224,7 +322,9 @@ def client_task_map(config: ExperimentConfig) -> np.ndarray:
     try:
         if config.client_tasks:
             return partition.parse_client_tasks(config.client_tasks, names)
-        return partition.round_robin_tasks(config.num_clients or len(names), len(names))
+        # hota by default: every cluster hosts every task, client (c, i) of cluster c has task i.
+        default = len(names) * (config.num_clusters if config.aggregation == "hota" else 1)
+        return partition.round_robin_tasks(config.num_clients or default, len(names))
     except ValueError as e:
         flag = "client_tasks" if config.client_tasks else "num_clients"
         raise ConfigError(f"--{flag}: {e}") from None
@@ -269,7 +369,7 @@ def build_dataset(config: ExperimentConfig) -> pool_lib.FederatedDataset:
         except ValueError as e:
             raise ConfigError(f"--imbalance: {e}") from None
     test_sizes = partition.power_law_sizes(total_test, c, 0.0)
-    return partition.partition(
+    dataset = partition.partition(
         config.dataset,
         train_pool,
         test_pool,
@@ -280,6 +380,7 @@ def build_dataset(config: ExperimentConfig) -> pool_lib.FederatedDataset:
         beta=config.dirichlet_beta or None,
         overlap=config.overlap,
     )
+    return dataclasses.replace(dataset, client_distance=client_distances(config, c))
 
 
 def build_simulation(config: ExperimentConfig, dataset: pool_lib.FederatedDataset) -> simulate.Simulation:
@@ -296,6 +397,8 @@ def build_simulation(config: ExperimentConfig, dataset: pool_lib.FederatedDatase
         server_optimizer=config.server_optimizer,
         weight_eps=config.weight_eps,
         weighting=config.weighting,
+        aggregation=config.aggregation,
+        channel=config.channel_config(),
     )
     return simulate.Simulation(
         config=alg_config,
@@ -500,6 +603,8 @@ def train_and_evaluate(
             last = chunk_rows[-1]
             msg = f"round {done}/{config.rounds} ({rate:.2f} rounds/s) loss {_fmt(last['task_loss'])}"
             msg += f" weights {_fmt(last['task_weight'])}"
+            if config.aggregation != "ideal":
+                msg += f" participation {_fmt(last['participation'])}"
             if "test_metric" in last:
                 msg += f" test metric {_fmt(last['test_metric'])}"
             say(msg)
@@ -521,6 +626,9 @@ def train_and_evaluate(
         "final_task_weight": rows[-1]["task_weight"] if rows else None,
         **({"final_test_loss": evals[-1]["test_loss"], "final_test_metric": evals[-1]["test_metric"]} if evals else {}),
         "first_task_loss": rows[0]["task_loss"] if rows else None,
+        # Per task, means over the rounds (1 under ideal aggregation).
+        "mean_participation": np.mean([r["participation"] for r in rows], axis=0).tolist() if rows else None,
+        "mean_channel_gain": np.mean([r["channel_gain"] for r in rows], axis=0).tolist() if rows else None,
         "wall_time_s": time.time() - start,
         "first_chunk_s": compile_s,
         "checkpoint_s": max(checkpoint_s) if checkpoint_s else None,

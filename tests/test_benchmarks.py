@@ -110,3 +110,26 @@ def test_ordering_verdict_hand_computed():
     # fine), then FedGradNorm 0.25 is worse than FedRep 0.2.
     assert convergence.ordering(means, ["accuracy", "nme"]) == ["holds", "fedrep beats fedgradnorm"]
     assert convergence.ordering({"local": [0.6], "fedrep": [0.6]}, ["accuracy"]) == ["local ties or beats fedrep"]
+
+
+@pytest.mark.slow
+def test_channel_robustness_toy(tmp_path):
+    from benchmarks import channel_robustness
+
+    rows = channel_robustness.main(["--toy", f"--workdir={tmp_path}"])
+    on_disk = common.read_jsonl(os.path.join(tmp_path, "channel_robustness.jsonl"))
+    assert [r["record"] for r in on_disk] == ["machine", "setting"] == [r["record"] for r in rows]
+    setting = rows[1]
+    assert setting["snr_dbs"] == [0.0, math.inf] and setting["power_control"] == "tci"
+    methods = setting["analysis"]["methods"]
+    assert set(methods) == {"equal", "unaware", "aware"}
+    for per_snr in methods.values():
+        assert set(per_snr) == {"0.0", "inf"}
+        for r in per_snr.values():
+            loss = r["final_relative_loss"]["mean"][0]
+            assert loss is not None and 0 < loss < 2  # a loss relative to round 0
+            assert len(r["final_test_metric"]["mean"]) == 3
+    # The target comes from equal weights at SNR = inf (relative to round 0, so finite and positive).
+    assert setting["analysis"]["reference_snr_db"] == math.inf
+    assert all(math.isfinite(t) and t > 0 for t in setting["analysis"]["target_relative_loss"])
+    assert os.path.getsize(os.path.join(tmp_path, "channel_robustness.png")) > 1000

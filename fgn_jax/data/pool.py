@@ -84,6 +84,8 @@ class FederatedDataset:
       client_task: ``[C]`` int32 task index of each client.
       train: training split.
       test: held-out split (per client, same task).
+      client_distance: ``[C]`` distance of each client to its receiver
+        (path loss of over-the-air aggregation); None: all 1.
     """
 
     name: str
@@ -91,6 +93,7 @@ class FederatedDataset:
     client_task: np.ndarray
     train: Split
     test: Split
+    client_distance: np.ndarray | None = None  # [C] float distance to the receiver (ota/hota path loss); None: 1
 
     @property
     def num_clients(self) -> int:

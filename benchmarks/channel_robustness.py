@@ -1,0 +1,231 @@
+"""Channel robustness of HOTA-FedGradNorm: equal vs channel-unaware vs channel-aware task weights against the SNR.
+
+    python -m benchmarks.channel_robustness --workdir=/tmp/fgn_bench/channel     # the full grid (hours on 2 CPUs)
+    python -m benchmarks.channel_robustness --toy --workdir=/tmp/fgn_bench/toy_channel   # CI smoke size
+
+The paper's robustness claim (Mortaheb, Vahapoglu, Ulukus, Algorithms
+15(11):421, 2022): channel-aware weights stay ahead of static equal weights
+(FedRep) as the channel degrades. For each synthetic dataset
+(``synthetic_radcom``, ``synthetic_mtfl``), power control (``tci``,
+``phase``) and path loss (``none``: every client at distance 1; ``far``:
+distances uniform in ``--far_range``), three methods train with
+``--aggregation=hota`` (experiments/train.py's defaults otherwise):
+
+* ``equal``: ``--algorithm=fedrep`` (w = 1);
+* ``unaware``: FedGradNorm with ``--channel_aware=false``;
+* ``aware``: FedGradNorm with ``--channel_aware=true``.
+
+Each method runs its whole SNR x seed grid as ONE compiled program
+(:func:`fgn_jax.sweep.run_sweep` over ``snr_db`` and ``seed``; divergent
+configurations are masked, not fatal). The measure per task: the training
+loss relative to round 0, smoothed by a trailing mean over ``--smooth``
+rounds; the target is ``--fraction`` of the loss reduction that equal
+weights reach at SNR = inf by the last round. Reported per setting, method
+and SNR: rounds until every task reached its target (mean ± std over seeds
+that do, and how many), the final mean relative train loss and the final
+per-task test metrics (mean ± std over seeds). Output in ``--workdir``: a
+table on the terminal, ``channel_robustness.jsonl`` (one ``machine`` record,
+one ``setting`` record per dataset / power control / path loss) and
+``channel_robustness.png`` (final relative loss against SNR, one panel per
+setting, one line per method). Whichever way it comes out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import sys
+from typing import Sequence
+
+import numpy as np
+
+from benchmarks import common, convergence
+from fgn_jax import sweep, training
+
+METHODS = {
+    "equal": dict(algorithm="fedrep"),
+    "unaware": dict(algorithm="fedgradnorm", channel_aware=False),
+    "aware": dict(algorithm="fedgradnorm", channel_aware=True),
+}
+DATASETS = ("synthetic_radcom", "synthetic_mtfl")
+POWER_CONTROLS = ("tci", "phase")
+PATH_LOSSES = ("none", "far")
+
+
+def run_method(
+    base: training.ExperimentConfig, snrs: Sequence[float], seeds: Sequence[int], num_tasks: int, workdir: str
+) -> dict:
+    """One method's SNR x seed grid as one sweep: ``{snr: {"loss" [S, R, T], "metric" [S, T]}}`` (NaN: diverged)."""
+    results = sweep.run_sweep(
+        base, {"snr_db": list(snrs), "seed": list(seeds)}, workdir, log=None, on_divergence="mask"
+    )
+    out = {}
+    for snr in snrs:
+        loss, metric = [], []
+        for r in (r for r in results if r["snr_db"] == snr):
+            rows = common.read_jsonl(os.path.join(workdir, r["name"], "metrics.jsonl"))
+            curve = np.full((base.rounds, num_tasks), np.nan)
+            for row in rows:
+                curve[row["round"]] = row["task_loss"]
+            loss.append(curve)
+            final = r["final_test_metric"] if r["diverged_round"] is None else None
+            metric.append(np.full((num_tasks,), np.nan) if final is None else np.asarray(final))
+        out[snr] = {"loss": np.array(loss), "metric": np.array(metric)}
+    return out
+
+
+def analyse(runs: dict, window: int, fraction: float) -> dict:
+    """Targets from equal weights at the best SNR; per method and SNR rounds to target, final loss and metrics."""
+    best = max(runs["equal"])
+    ref = runs["equal"][best]["loss"]
+    start = ref[:, 0, :].mean(axis=0)
+    rel = lambda loss: convergence.smooth(loss / start, window)  # noqa: E731  relative to L(0)
+    target = 1.0 - fraction * (1.0 - np.nanmean(rel(ref), axis=0)[-1])
+    out = {"target_relative_loss": target.tolist(), "reference_snr_db": best, "methods": {}}
+    for method, per_snr in runs.items():
+        rows = {}
+        for snr, r in per_snr.items():
+            curves = rel(r["loss"])
+            per_task = convergence.rounds_to_target(np.nan_to_num(curves, nan=np.inf), target)
+            all_tasks = np.where(np.isfinite(per_task).all(axis=1), np.max(per_task, axis=1), np.nan)
+            rows[str(snr)] = {
+                "rounds_all_tasks": convergence._stats(all_tasks[:, None]),
+                "final_relative_loss": convergence._stats(np.mean(curves[:, -1, :], axis=1)[:, None]),
+                "final_test_metric": convergence._stats(r["metric"]),
+            }
+        out["methods"][method] = rows
+    return out
+
+
+def table(settings: list[dict]) -> str:
+    lines = []
+    for s in settings:
+        a = s["analysis"]
+        lines.append(
+            f"\n{s['dataset']} power_control={s['power_control']} path_loss={s['path_loss']}: {s['rounds']} rounds, "
+            f"{len(s['seeds'])} seeds, target = {s['fraction']:.0%} of equal weights' loss reduction at "
+            f"{a['reference_snr_db']} dB"
+        )
+        head = f"{'SNR dB':>7}{'method':>9}{'rounds (all tasks)':>22}{'final rel. loss':>18}  test metric per task"
+        lines += [head, "-" * (len(head) + 20)]
+        for snr in s["snr_dbs"]:
+            for method in METHODS:
+                r = a["methods"][method][str(snr)]
+                n = len(s["seeds"])
+                reached = r["rounds_all_tasks"]["reached"][0]
+                metrics = " ".join(
+                    convergence._pm(r["final_test_metric"], i, ".3f") for i in range(len(s["task_names"]))
+                )
+                lines.append(
+                    f"{snr:>7g}{method:>9}{convergence._pm(r['rounds_all_tasks'], 0) + f' ({reached}/{n})':>22}"
+                    f"{convergence._pm(r['final_relative_loss'], 0, '.3f'):>18}  {metrics}"
+                )
+    return "\n".join(lines)
+
+
+def plot(settings: list[dict], path: str) -> None:
+    """Final relative train loss (mean ± std over seeds) against the SNR, one panel per setting."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(settings), figsize=(3.4 * len(settings), 3.2), squeeze=False)
+    for ax, s in zip(axes[0], settings):
+        snrs = s["snr_dbs"]
+        # inf is drawn one step to the right of the largest finite SNR.
+        finite = [v for v in snrs if math.isfinite(v)] or [0.0]
+        x = [v if math.isfinite(v) else max(finite) + 10 for v in snrs]
+        for method in METHODS:
+            stats = [s["analysis"]["methods"][method][str(v)]["final_relative_loss"] for v in snrs]
+            mean = np.array([np.nan if st["mean"][0] is None else st["mean"][0] for st in stats])
+            std = np.array([0.0 if st["std"][0] is None else st["std"][0] for st in stats])
+            ax.errorbar(x, mean, yerr=std, marker="o", capsize=3, label=method)
+        ax.set_xticks(x, [f"{v:g}" if math.isfinite(v) else "inf" for v in snrs])
+        ax.set_title(f"{s['dataset'].replace('synthetic_', '')} {s['power_control']} pl={s['path_loss']}", fontsize=9)
+        ax.set_xlabel("client SNR (dB)")
+    axes[0][0].set_ylabel("final train loss / L(0)")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workdir", default="/tmp/fgn_bench/channel")
+    p.add_argument("--datasets", default=",".join(DATASETS))
+    p.add_argument("--power_controls", default=",".join(POWER_CONTROLS))
+    p.add_argument("--path_losses", default=",".join(PATH_LOSSES))
+    p.add_argument("--far_range", default="1,3", help="client distances of path_loss=far (exponent 2)")
+    p.add_argument("--snr_dbs", default="-10,0,10,20,inf")
+    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--mtfl_rounds", type=int, default=30)
+    p.add_argument("--radcom_rounds", type=int, default=80)
+    p.add_argument("--log_every", type=int, default=10, help="rounds per compiled chunk")
+    p.add_argument("--smooth", type=int, default=5)
+    p.add_argument("--fraction", type=float, default=0.9)
+    p.add_argument("--examples_per_client", type=int, default=0, help="0: experiments/train.py's default")
+    p.add_argument("--test_examples_per_client", type=int, default=0)
+    p.add_argument("--batch_size", type=int, default=0)
+    p.add_argument("--conv_impl", default="", help="'' keeps experiments/train.py's default")
+    p.add_argument("--toy", action="store_true", help="CI smoke size: RadCom, tci, no path loss, 2 seeds, 4 rounds")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+    args = build_parser().parse_args(argv)
+    if args.toy:
+        args.datasets, args.power_controls, args.path_losses, args.snr_dbs = "synthetic_radcom", "tci", "none", "0,inf"
+        args.seeds, args.radcom_rounds, args.log_every, args.smooth = 2, 4, 2, 2
+        args.examples_per_client, args.test_examples_per_client, args.batch_size = 32, 16, 8
+    snrs = [float(v) for v in args.snr_dbs.split(",")]
+    seeds = list(range(args.seeds))
+    os.makedirs(args.workdir, exist_ok=True)
+    out_path = os.path.join(args.workdir, "channel_robustness.jsonl")
+    machine = {"record": "machine", **common.machine_info(), "argv": list(argv) if argv is not None else sys.argv[1:]}
+    open(out_path, "w").close()
+    common.append_jsonl(out_path, [machine])
+    settings = []
+    for dataset in args.datasets.split(","):
+        rounds = args.mtfl_rounds if "mtfl" in dataset else args.radcom_rounds
+        for power_control in args.power_controls.split(","):
+            for path_loss in args.path_losses.split(","):
+                base = convergence.base_config(dataset, rounds, 0.0, args)
+                distance = args.far_range if path_loss == "far" else "1,1"
+                base = dataclasses.replace(
+                    base, aggregation="hota", power_control=power_control, distance_range=distance
+                )
+                task_names = [t.name for t in training._task_table(base)]
+                runs = {}
+                for method, changes in METHODS.items():
+                    config = dataclasses.replace(base, **changes)
+                    config.validate()
+                    print(f"{dataset} {power_control} path_loss={path_loss}: {method} ...", flush=True)
+                    workdir = os.path.join(args.workdir, dataset, power_control, path_loss, method)
+                    runs[method] = run_method(config, snrs, seeds, len(task_names), workdir)
+                setting = {
+                    "record": "setting",
+                    "dataset": dataset,
+                    "power_control": power_control,
+                    "path_loss": path_loss,
+                    "distance_range": distance,
+                    "rounds": rounds,
+                    "seeds": seeds,
+                    "snr_dbs": snrs,
+                    "smooth": args.smooth,
+                    "fraction": args.fraction,
+                    "task_names": task_names,
+                    "analysis": analyse(runs, args.smooth, args.fraction),
+                }
+                settings.append(setting)
+                common.append_jsonl(out_path, [setting])
+    print(table(settings))
+    plot(settings, os.path.join(args.workdir, "channel_robustness.png"))
+    return [machine, *settings]
+
+
+if __name__ == "__main__":
+    main()
