@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import re
 import sys
 import textwrap
 from typing import Callable, NamedTuple
@@ -109,14 +110,24 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
-def flags_parser(doc: str) -> Callable[[list[str]], list[str]]:
+def _one_line(error: flags.Error) -> str:
+    # absl: "flag --rounds=abc: invalid literal ..." -> "--rounds=abc: invalid literal ..."
+    text = str(error)
+    missing = re.search(r"Flag --(\w+) must have a value other than None", text)
+    if missing:
+        return f"--{missing.group(1)}: required (no default)"
+    return text[len("flag ") :] if text.startswith("flag --") else text
+
+
+def flags_parser(doc: str, positional: bool = False) -> Callable[[list[str]], list[str]]:
     """An ``app.run(..., flags_parser=...)`` parser: grouped ``--help``, one-line errors, exit code 2.
 
     Args:
       doc: the entry point's docstring, shown first by ``--help``.
+      positional: the entry point takes positional arguments (else they are an error).
 
     Returns:
-      ``parse(argv) -> argv`` (argv[0] and nothing else: stray arguments are an error).
+      ``parse(argv) -> argv`` without the flags.
     """
 
     def parse(argv: list[str]) -> list[str]:
@@ -126,8 +137,8 @@ def flags_parser(doc: str) -> Callable[[list[str]], list[str]]:
         try:
             rest = flags.FLAGS(argv)
         except flags.Error as e:
-            fail(e)
-        if len(rest) > 1:
+            fail(_one_line(e))
+        if len(rest) > 1 and not positional:
             fail(f"unexpected arguments: {' '.join(rest[1:])} (flags are --name=value)")
         return rest
 

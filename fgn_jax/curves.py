@@ -72,6 +72,19 @@ def read_run(workdir: str, label: str | None = None) -> Run:
     return Run(label or default, names, metrics, workdir_lib.read_metrics(workdir))
 
 
+def line_style(i: int, n: int) -> dict:
+    """Matplotlib style of curve ``i`` of ``n``: its own dash and hollow marker, earlier curves' markers larger.
+
+    Curves that coincide then still all show: each marker rings the next one.
+    """
+    return dict(
+        linestyle=STYLES[i % len(STYLES)],
+        marker=MARKERS[i % len(MARKERS)],
+        markerfacecolor="none",
+        markersize=3 + 2.5 * (n - 1 - i) / max(n - 1, 1) * min(n - 1, 3),
+    )
+
+
 def scale_axis(ax, values: np.ndarray) -> None:
     """A log y axis if ``values`` are positive and span more than :data:`LOG_RANGE`; else linear."""
     finite = values[np.isfinite(values)]
@@ -97,7 +110,8 @@ def plot(runs: Sequence[Run], path: str, title: str = "") -> None:
     fig, axes = plt.subplots(len(QUANTITIES), t, figsize=(3.2 * t, 8), squeeze=False, sharex=True)
     seen: dict[tuple[int, int], list[np.ndarray]] = {}
     for i, run in enumerate(runs):
-        style = dict(linestyle=STYLES[i % len(STYLES)], marker=MARKERS[i % len(MARKERS)], color=f"C{i % 10}")
+        style = line_style(i, len(runs))
+        style["color"] = f"C{i % 10}"
         for q, (key, _) in enumerate(QUANTITIES):
             rows = [r for r in run.rows if key in r]
             if not rows:
@@ -108,7 +122,7 @@ def plot(runs: Sequence[Run], path: str, title: str = "") -> None:
             for k in range(min(t, y.shape[1])):
                 ax = axes[q, k]
                 label = run.label if (q, k) == (0, 0) else None
-                ax.plot(x, y[:, k], markevery=every, markersize=4, linewidth=1.2, label=label, **style)
+                ax.plot(x, y[:, k], markevery=every, linewidth=1.2, label=label, **style)
                 seen.setdefault((q, k), []).append(y[:, k])
     first = runs[0]
     with warnings.catch_warnings():

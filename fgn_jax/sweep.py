@@ -599,7 +599,7 @@ def plot(
     for g, (label, members) in enumerate(groups.items()):
         color = plt.get_cmap("tab10" if len(groups) <= 10 else "tab20")(g % 20)
         # Each setting its own dash and marker: where curves coincide, all of them stay visible.
-        style = dict(linestyle=curves.STYLES[g % len(curves.STYLES)], marker=curves.MARKERS[g % len(curves.MARKERS)])
+        style = curves.line_style(g, len(groups))
         # A diverged (masked) configuration's rows stop early: it leaves the mean and band there.
         rounds = max(([r["round"] for r in rows[i]] for i in members), key=len)
         for row_index, key in enumerate(("task_loss", "task_weight")):
@@ -614,7 +614,7 @@ def plot(
                 ax = axes[row_index, k]
                 every = max(1, len(rounds) // 12)  # about a dozen markers per curve
                 label_k = label if k == 0 and row_index == 0 else None
-                ax.plot(rounds, mean[:, k], color=color, label=label_k, markevery=every, markersize=4, **style)
+                ax.plot(rounds, mean[:, k], color=color, label=label_k, markevery=every, **style)
                 if len(members) > 1:
                     # Hatched, unfilled bands: overlapping bands of coinciding settings do not blend into one.
                     ax.fill_between(
