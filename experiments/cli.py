@@ -42,8 +42,12 @@ def grouped(group: str, holder: flags.FlagHolder) -> flags.FlagHolder:
     return holder
 
 
-def define_config_flags() -> dict[str, flags.FlagHolder]:
-    """Defines a flag per ExperimentConfig field; returns the holders by name."""
+def define_config_flags(flag_values: flags.FlagValues = flags.FLAGS) -> dict[str, flags.FlagHolder]:
+    """Defines a flag per ExperimentConfig field; returns the holders by name.
+
+    Help, group and choices come from :data:`fgn_jax.training.FLAG_DOCS`; a
+    field missing there gets a generic help under "other".
+    """
     defaults = training.ExperimentConfig()
     holders = {}
     for field in dataclasses.fields(training.ExperimentConfig):
@@ -52,12 +56,12 @@ def define_config_flags() -> dict[str, flags.FlagHolder]:
             OTHER_GROUP, f"See fgn_jax.training.ExperimentConfig.{field.name}."
         )
         if doc.choices is not None:
-            holder = flags.DEFINE_enum(field.name, default, list(doc.choices), doc.help)
+            holder = flags.DEFINE_enum(field.name, default, list(doc.choices), doc.help, flag_values=flag_values)
         else:
             define = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer, float: flags.DEFINE_float}.get(
                 type(default), flags.DEFINE_string
             )
-            holder = define(field.name, default, doc.help)
+            holder = define(field.name, default, doc.help, flag_values=flag_values)
         holders[field.name] = grouped(doc.group, holder)
     return holders
 

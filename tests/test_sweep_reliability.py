@@ -26,7 +26,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_RUN = dict(**SMALL, rounds=8, log_every=2, eval_every=2)
 BASE = dataclasses.replace(make_setup(**TINY_RUN).config, checkpoint_every=2, keep_checkpoints=3)
 GRID = {"client_lr": [0.05, 0.5]}  # 0.5 blows up after a few rounds (tests/test_reliability.py)
-NAMES = ["client_lr=0.05,seed=0", "client_lr=0.5,seed=0"]
+NAMES = ["client_lr0.05_seed0", "client_lr0.5_seed0"]
 
 
 class Crash(Exception):
