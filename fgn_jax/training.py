@@ -9,7 +9,16 @@ The entry point parses flags into an :class:`ExperimentConfig` and calls
   ``grad_norm`` (g_k, unweighted) and ``task_weight`` (the weights p^t used in
   that round's aggregation); rounds at the evaluation interval also carry
   ``test_loss`` and ``test_metric`` (held-out, after the round);
-* ``summary.json``: the final metrics and the wall time.
+* ``summary.json``: the final metrics, each task's ``constant_baseline``
+  (:func:`fgn_jax.baselines.constant_baseline`) and the wall time;
+* ``curves.png`` and ``tensorboard/`` (:mod:`fgn_jax.curves`).
+
+Round numbering: a row's ``round`` is the 0-based index of the round; the
+progress lines count rounds done (``round 20/150`` follows the row of round
+19). Everything the flags alone decide (the settings, the batch size against
+the planned client sizes, the work directory) is checked before any data is
+generated or anything is compiled; a finished run re-invoked returns its
+summary at once.
 """
 
 from __future__ import annotations
@@ -508,7 +517,9 @@ def train_and_evaluate(
     Re-running the same command on the same ``workdir`` continues from the
     latest checkpoint; the resulting ``metrics.jsonl`` is identical to that of
     an uninterrupted run. A workdir holding a run with other settings is
-    refused unless ``overwrite``.
+    refused unless ``overwrite``. A run that already holds ``config.rounds``
+    rounds (its summary.json says so) is not run again: its summary is
+    returned; a larger ``rounds`` extends it (config.json is rewritten).
 
     Args:
       config: the settings (validated here).
