@@ -282,3 +282,14 @@ def test_default_cli_run_is_quiet_and_writes_readable_files(tmp_path):
     proc = run_cli(f"--workdir={tmp_path}", *TINY_FLAGS, "--verbosity=0")  # finished: one line, INFO back on
     assert proc.returncode == 0 and proc.stdout.startswith(f"{tmp_path} already holds this run, finished")
     assert re.search(r"^I\d{4} ", proc.stderr, re.M), proc.stderr[:2000]
+
+
+def test_plot_overlays_runs_and_refuses_a_non_run(finished_run, tmp_path):
+    path, _, _ = finished_run
+    out = tmp_path / "overlay.png"
+    proc = run_cli(str(path), str(path), "--labels=fedgradnorm,again", f"--out={out}", module="experiments.plot")
+    assert proc.returncode == 0 and proc.stdout == f"wrote {out} (2 runs)\n", proc.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    proc = run_cli(str(tmp_path / "nothing"), module="experiments.plot")
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1
+    assert proc.stderr.startswith(f"error: {tmp_path / 'nothing'}: no readable config.json")
