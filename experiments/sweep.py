@@ -3,13 +3,14 @@
     python -m experiments.sweep --workdir=/tmp/fgn_sweep --dataset=synthetic_radcom \\
         --seeds=0,1,2 --alphas=0.5,1.0,1.5 --weight_lrs=0.01,0.05
 
-Every train flag (python -m experiments.train --helpfull) sets the values
+Every train flag (python -m experiments.train --help) sets the values
 shared by the grid; the list flags below override --seed, --alpha,
 --weight_lr, --client_lr, --server_lr, --dwa_temperature, --cagrad_c,
 --uncertainty_lr and, for --aggregation=ota|hota, the channel's --snr_db,
 --ps_snr_db and --truncation_q (e.g. --snr_dbs=-10,0,10,20,inf runs the
 whole SNR curve as one program). Writes one directory per
-configuration (config.json, metrics.jsonl), results.csv/json (final metrics)
+configuration (named by its swept values, e.g. alpha0.5_seed0: config.json,
+metrics.jsonl), results.csv/json (final metrics; the name -> values mapping)
 and sweep.png (loss and task-weight curves, mean and spread over seeds); see
 fgn_jax/sweep.py. Re-running the same command on the same --workdir resumes
 from the latest checkpoint (--checkpoint_every); a different sweep there is
@@ -23,47 +24,43 @@ Several task weightings in one invocation, one compiled sweep per method in
     python -m experiments.sweep --workdir=/tmp/fgn_methods --weightings=equal,gradnorm,dwa --seeds=0,1,2
 """
 
-import sys
-
 from absl import app, flags
 
 from experiments import cli
 from fgn_jax import sweep, training
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory; re-running on it resumes the sweep.", required=True)
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a different sweep in --workdir.")
-_ON_DIVERGENCE = flags.DEFINE_enum(
-    "on_divergence",
-    "stop",
-    sweep.ON_DIVERGENCE,
-    "A NaN/Inf in a configuration: stop the sweep (exit code 3), or mask the configuration (frozen at its last "
-    "good state, recorded in results.csv) and go on.",
+_WORKDIR = cli.define_workdir("Output directory; re-running on it resumes the sweep.")
+_OVERWRITE = cli.grouped("output", flags.DEFINE_bool("overwrite", False, "Replace a different sweep in --workdir."))
+_ON_DIVERGENCE = cli.grouped(
+    "sweep",
+    flags.DEFINE_enum(
+        "on_divergence",
+        "stop",
+        sweep.ON_DIVERGENCE,
+        "A NaN/Inf in a configuration: stop the sweep (exit code 3), or mask the configuration (frozen at its last "
+        "good state, recorded in results.csv) and go on.",
+    ),
 )
 _LISTS = {
-    "seed": flags.DEFINE_list("seeds", [], "Seeds (comma-separated); default: --seed."),
-    "alpha": flags.DEFINE_list("alphas", [], "GradNorm alphas; default: --alpha."),
-    "weight_lr": flags.DEFINE_list("weight_lrs", [], "Task-weight learning rates; default: --weight_lr."),
-    "client_lr": flags.DEFINE_list("client_lrs", [], "Client learning rates; default: --client_lr."),
-    "server_lr": flags.DEFINE_list("server_lrs", [], "Server learning rates; default: --server_lr."),
-    "dwa_temperature": flags.DEFINE_list("dwa_temperatures", [], "DWA temperatures; default: --dwa_temperature."),
-    "cagrad_c": flags.DEFINE_list("cagrad_cs", [], "CAGrad ball radii c; default: --cagrad_c."),
-    "uncertainty_lr": flags.DEFINE_list(
-        "uncertainty_lrs", [], "Uncertainty-weighting log-variance steps; default: --uncertainty_lr."
-    ),
-    "snr_db": flags.DEFINE_list("snr_dbs", [], "Client -> receiver SNRs in dB ('inf' allowed); default: --snr_db."),
-    "ps_snr_db": flags.DEFINE_list("ps_snr_dbs", [], "IS -> PS SNRs in dB ('inf' allowed); default: --ps_snr_db."),
-    "truncation_q": flags.DEFINE_list(
-        "truncation_qs", [], "tci non-truncation probabilities; default: --truncation_q."
-    ),
+    field: cli.grouped(
+        "sweep", flags.DEFINE_list(name, [], f"Comma-separated values of --{field} (default: --{field}).")
+    )
+    for field, name in sweep.LIST_FLAGS.items()
 }
-_WEIGHTINGS = flags.DEFINE_list(
-    "weightings",
-    [],
-    "Task weightings to run the grid for, e.g. equal,gradnorm,dwa (one compiled sweep per method, in "
-    "--workdir/<method>, plus combined results.csv/json and weightings.png); overrides --weighting.",
+_WEIGHTINGS = cli.grouped(
+    "sweep",
+    flags.DEFINE_list(
+        "weightings",
+        [],
+        "Task weightings to run the grid for, e.g. equal,gradnorm,dwa (one compiled sweep per method, in "
+        "--workdir/<method>, plus combined results.csv/json and weightings.png); overrides --weighting.",
+    ),
 )
-_SWEEP_DEVICES = flags.DEFINE_integer(
-    "sweep_devices", 1, "Devices along the configuration axis; the client axis gets the rest of --num_devices."
+_SWEEP_DEVICES = cli.grouped(
+    "sweep",
+    flags.DEFINE_integer(
+        "sweep_devices", 1, "Devices along the configuration axis; the client axis gets the rest of --num_devices."
+    ),
 )
 _FLAGS = cli.define_config_flags()
 _DISTRIBUTED = cli.define_distributed_flags()
@@ -81,8 +78,8 @@ def _values() -> dict[str, list]:
 
 
 def main(argv):
-    if len(argv) > 1:
-        sys.exit(f"unexpected arguments: {' '.join(argv[1:])}")
+    del argv  # cli.flags_parser refuses stray arguments
+    cli.quiet_logging()
     cli.maybe_initialize_distributed(_DISTRIBUTED)  # before anything touches the devices
     options = dict(sweep_devices=_SWEEP_DEVICES.value, on_divergence=_ON_DIVERGENCE.value, overwrite=_OVERWRITE.value)
     if _WEIGHTINGS.value:
@@ -96,4 +93,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.flags_parser(__doc__))

@@ -1,10 +1,12 @@
 """Trains FedGradNorm or FedRep on one dataset.
 
     python -m experiments.train --workdir=/tmp/fgn
-    python -m experiments.train --flagfile=experiments/flags/radcom.flags --workdir=/tmp/fgn_radcom
+    python -m experiments.train --flagfile=experiments/flags/synthetic_radcom.flags --workdir=/tmp/fgn_radcom
 
-Writes config.json, metrics.jsonl and summary.json to --workdir (see
-fgn_jax/training.py). Invalid flags print one line and exit with code 2.
+Writes config.json, metrics.jsonl, summary.json, curves.png and TensorBoard
+events (tensorboard/) to --workdir (see fgn_jax/training.py); re-running the
+same command resumes the run, a larger --rounds extends it. Invalid flags
+print one line and exit with code 2.
 
 Sharded and multi-host runs (docs/scaling.md):
 
@@ -12,26 +14,26 @@ Sharded and multi-host runs (docs/scaling.md):
     python -m experiments.train --coordinator_address=10.0.0.1:1234 --num_processes=2 --process_id=0 ...
 """
 
-import sys
-
 from absl import app, flags
 
 from experiments import cli
 from fgn_jax import training
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory; re-running on it resumes the run.", required=True)
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a run with a different configuration in --workdir.")
+_WORKDIR = cli.define_workdir("Output directory; re-running on it resumes the run (a larger --rounds extends it).")
+_OVERWRITE = cli.grouped(
+    "output", flags.DEFINE_bool("overwrite", False, "Replace a run with a different configuration in --workdir.")
+)
 _FLAGS = cli.define_config_flags()
 _DISTRIBUTED = cli.define_distributed_flags()
 
 
 def main(argv):
-    if len(argv) > 1:
-        sys.exit(f"unexpected arguments: {' '.join(argv[1:])}")
+    del argv  # cli.flags_parser refuses stray arguments
+    cli.quiet_logging()
     cli.maybe_initialize_distributed(_DISTRIBUTED)  # before anything touches the devices
     config = cli.config_from_flags(_FLAGS)
     cli.run_or_exit(lambda: training.train_and_evaluate(config, _WORKDIR.value, overwrite=_OVERWRITE.value))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.flags_parser(__doc__))

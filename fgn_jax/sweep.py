@@ -48,7 +48,7 @@ Writes to the work directory:
 * ``config.json``: the shared settings and the grid (compared on resume), the
   configuration names, ``on_divergence``;
 * ``<name>/config.json`` and ``<name>/metrics.jsonl`` per configuration, the
-  name listing its swept values (e.g. ``alpha=0.5,seed=0``), the rows exactly
+  name listing its swept values (e.g. ``alpha0.5_seed0``), the rows exactly
   as in a single run's ``metrics.jsonl``;
 * ``checkpoints/``: the sweep state (orbax, the last ``keep_checkpoints``);
 * ``divergence.json`` (mask mode, once one diverged): per frozen
@@ -56,7 +56,9 @@ Writes to the work directory:
 * ``results.json`` and ``results.csv``: the final metrics of each
   configuration, ``diverged_round`` and ``divergence`` (empty when fine);
 * ``sweep.png``: per-task loss curves and task-weight trajectories, mean and
-  min-max band over seeds, one line per setting of the other values;
+  min-max band over seeds, one line per setting of the other values (each
+  with its own line style and marker, so coinciding curves stay visible;
+  log axes only where the values span more than a factor of 10);
 * ``summary.json``: the grid, the devices, diverged configurations, wall and
   first-chunk times.
 """
@@ -82,7 +84,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import fgn_jax
-from fgn_jax import algorithms, checkpoint, sharding, simulate, training, weightings
+from fgn_jax import algorithms, checkpoint, curves, sharding, simulate, training, weightings
 from fgn_jax import workdir as workdir_lib
 
 # ExperimentConfig fields a sweep may vary, in the order of the grid (the
@@ -153,7 +155,11 @@ def varied(configs: Sequence[training.ExperimentConfig]) -> list[str]:
 
 
 def config_name(config: training.ExperimentConfig, fields: Sequence[str]) -> str:
-    return ",".join(f"{name}={getattr(config, name):g}" for name in fields)
+    """A configuration's directory name from its swept values, shell-friendly: ``alpha0.5_weight_lr0.02_seed0``.
+
+    results.csv maps each name to its values (one column per swept field).
+    """
+    return "_".join(f"{name}{getattr(config, name):g}" for name in fields)
 
 
 def _fetch(tree, mesh):
@@ -264,18 +270,17 @@ def chunk_program(sim: simulate.Simulation) -> Callable:
     )
 
 
-def sweep_settings(
-    base: training.ExperimentConfig, configs: Sequence[training.ExperimentConfig], task_names, client_slots: int
-) -> dict:
-    """What a sweep's ``config.json`` is compared on when its work directory is reused.
+def sweep_settings(base: training.ExperimentConfig, configs: Sequence[training.ExperimentConfig]) -> dict:
+    """The flags a sweep's ``config.json`` is compared on when its work directory is reused (before any data).
 
-    The shared settings (without the swept fields, which the grid lists under
-    their list flags' names, e.g. ``alphas``), the task names and the client
-    and configuration slots (a checkpoint only fits the same shapes).
+    The shared settings without the swept fields, which the grid lists under
+    their list flags' names (e.g. ``alphas``). What follows from the data and
+    the devices (task names, client and configuration slots) is compared after
+    the data is built (:func:`fgn_jax.workdir.check_layout`).
     """
     settings = {k: v for k, v in dataclasses.asdict(base).items() if k not in SWEPT}
     settings.update({LIST_FLAGS[f]: list(dict.fromkeys(getattr(c, f) for c in configs)) for f in SWEPT})
-    return {**settings, "task_names": list(task_names), "client_slots": client_slots}
+    return settings
 
 
 def _remove_sweep_files(workdir: str) -> None:
@@ -354,44 +359,64 @@ def run_sweep(
         if on_event is not None:
             on_event(name, done)
 
-    dataset = training.build_dataset(base)
-    task_names = dataset.task_names
+    # Everything the flags alone decide is checked before any data exists or anything compiles.
+    training.check_batch_size(base, training.planned_train_sizes(base))
     try:
         mesh = sharding.make_mesh(base.num_devices, sweep_devices)
     except ValueError as e:
         raise training.ConfigError(f"--sweep_devices: {e}") from None
+    settings = sweep_settings(base, configs)
+    if writer and overwrite:
+        _remove_sweep_files(workdir)
+    resuming = workdir_lib.prepare_on_writer(workdir, settings, overwrite)  # the same on every process
+
+    dataset = training.build_dataset(base)
+    task_names = dataset.task_names
+    warning = training.check_batch_size(base, dataset.train.size)
+    if warning:
+        say(warning)
     sim = dataclasses.replace(training.build_simulation(base, dataset), mesh=mesh)
     env = sim.make_env(dataset)
     # Repeat the last configuration so the sweep axis splits over its devices.
     padded = configs + configs[-1:] * (-len(configs) % sweep_devices)
-
-    settings = {**sweep_settings(base, configs, task_names, int(env.info.mask.shape[0])), "config_slots": len(padded)}
-    # Which client sits in which slot depends on the device count (simulate.client_order); a checkpoint fits only it.
+    # A checkpoint fits only the same shapes and, for imbalanced clients, the same slot order
+    # (simulate.client_order); with the same flags these change only with the device count.
     slot_ids = [int(i) for i in sim.client_order(dataset)]
-    settings["client_order"] = None if slot_ids == list(range(len(slot_ids))) else slot_ids
-    if writer and overwrite:
-        _remove_sweep_files(workdir)
-    resuming = workdir_lib.prepare_on_writer(workdir, settings, overwrite)  # the same on every process
+    layout = {
+        "task_names": task_names,
+        "client_slots": int(env.info.mask.shape[0]),
+        "config_slots": len(padded),
+        "client_order": None if slot_ids == list(range(len(slot_ids))) else slot_ids,
+    }
+    if resuming:
+        workdir_lib.check_layout_on_writer(workdir, layout)
+    settings = {**settings, **layout}
     if writer and not resuming:
         for name in (*RESULT_FILES, DIVERGENCE):
             if os.path.exists(os.path.join(workdir, name)):
                 os.remove(os.path.join(workdir, name))
+    if writer:  # rewritten on resume too: the files describe the sweep as it is now (e.g. --rounds)
         workdir_lib.write_json_atomic(
             os.path.join(workdir, workdir_lib.CONFIG),
             {**settings, "configurations": names, "on_divergence": on_divergence, "version": fgn_jax.__version__},
         )
-    if writer:
+        symbols = training.metric_symbols(dataset)
         for name, config in zip(names, configs):
             os.makedirs(os.path.join(workdir, name), exist_ok=True)
-            if not resuming or not os.path.exists(os.path.join(workdir, name, workdir_lib.CONFIG)):
-                settings_i = {**dataclasses.asdict(config), "task_names": task_names, "sweep": name}
-                workdir_lib.write_json_atomic(os.path.join(workdir, name, workdir_lib.CONFIG), settings_i)
+            settings_i = {
+                **dataclasses.asdict(config),
+                "task_names": task_names,
+                "task_metrics": symbols,
+                "sweep": name,
+            }
+            workdir_lib.write_json_atomic(os.path.join(workdir, name, workdir_lib.CONFIG), settings_i)
 
     keys, hparams = stacked_inputs(padded, mesh)
     progs = simulate.programs(sim, sweep=True)
     run_chunk = chunk_program(sim)
-    state = progs.init(keys, env, hparams)
     say(f"sweep of {len(configs)} configurations ({', '.join(varied(configs))}) on {mesh.devices.size} devices")
+    say(f"compiling (the first {base.log_every} rounds include it) ...")
+    state = progs.init(keys, env, hparams)
 
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, workdir_lib.CHECKPOINTS), keep=base.keep_checkpoints)
     with contextlib.closing(ckpt):
@@ -427,7 +452,11 @@ def run_sweep(
                 t0 = time.time()
                 state, metrics = run_chunk(state, env, hparams, np.int32(base.rounds), np.int32(done))
                 metrics = jax.device_get(metrics)
-                first_chunk_s = first_chunk_s or time.time() - t0
+                if first_chunk_s is None:
+                    first_chunk_s = time.time() - t0
+                    first = min(sim.chunk, base.rounds - done)
+                    say(f"first {first} rounds done in {first_chunk_s:.1f} s (compilation included)")
+                    rate_start, rate_start_round = time.time(), min(done + sim.chunk, base.rounds)
                 chunk_rows, new = [], {}
                 for i in range(len(configs)):
                     mine = jax.tree.map(lambda a: a[i], metrics)  # noqa: B023
@@ -473,7 +502,11 @@ def run_sweep(
                     event("checkpoint", done)
                 losses = [r[-1]["task_loss"] for i, r in enumerate(rows) if r and i not in diverged]
                 mean = f"{np.mean(losses):.4f}" if losses else "-"
-                msg = f"round {done}/{base.rounds}: mean task loss over configurations {mean}"
+                msg = f"round {done}/{base.rounds}"
+                if done > rate_start_round:
+                    rate = (done - rate_start_round) / max(time.time() - rate_start, 1e-9)
+                    msg += f" | {rate:.2f} rounds/s, ETA {training.format_duration((base.rounds - done) / rate)}"
+                msg += f" | mean task loss over configurations {mean}"
                 say(msg + (f" ({len(diverged)} diverged, masked)" if diverged else ""))
                 if stop.signum is not None and done < base.rounds:
                     raise training.Interrupted(
@@ -593,8 +626,11 @@ def plot(
         groups.setdefault(label or "all", []).append(i)
     t = len(task_names)
     fig, axes = plt.subplots(2, t, figsize=(3.2 * t, 6), squeeze=False, sharex=True)
+    plotted: dict[tuple[int, int], list[np.ndarray]] = {}
     for g, (label, members) in enumerate(groups.items()):
         color = plt.get_cmap("tab10" if len(groups) <= 10 else "tab20")(g % 20)
+        # Each setting its own dash and marker: where curves coincide, all of them stay visible.
+        style = curves.line_style(g, len(groups))
         # A diverged (masked) configuration's rows stop early: it leaves the mean and band there.
         rounds = max(([r["round"] for r in rows[i]] for i in members), key=len)
         for row_index, key in enumerate(("task_loss", "task_weight")):
@@ -607,13 +643,22 @@ def plot(
                 mean, low, high = np.nanmean(values, 0), np.nanmin(values, 0), np.nanmax(values, 0)
             for k in range(t):
                 ax = axes[row_index, k]
-                ax.plot(rounds, mean[:, k], color=color, label=label if k == 0 and row_index == 0 else None)
+                every = max(1, len(rounds) // 12)  # about a dozen markers per curve
+                label_k = label if k == 0 and row_index == 0 else None
+                ax.plot(rounds, mean[:, k], color=color, label=label_k, markevery=every, **style)
                 if len(members) > 1:
-                    ax.fill_between(rounds, low[:, k], high[:, k], color=color, alpha=0.2)
+                    # Hatched, unfilled bands: overlapping bands of coinciding settings do not blend into one.
+                    ax.fill_between(
+                        rounds, low[:, k], high[:, k], facecolor="none", edgecolor=color, hatch="///", linewidth=0
+                    )
+                plotted.setdefault((row_index, k), []).append(np.concatenate([low[:, k], high[:, k]]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for (row_index, k), values in plotted.items():
+            curves.scale_axis(axes[row_index, k], np.concatenate(values))
     for k, name in enumerate(task_names):
         axes[0, k].set_title(name)
-        axes[0, k].set_yscale("log")
-        axes[1, k].set_xlabel("round")
+        axes[1, k].set_xlabel("round (0-based)")
     axes[0, 0].set_ylabel("task loss L_k(t)")
     axes[1, 0].set_ylabel("task weight p_k")
     seeds = max(len(m) for m in groups.values())

@@ -10,11 +10,21 @@ The entry point parses flags into an :class:`ExperimentConfig` and calls
   task's aggregated update in that round, set by the ``--weighting`` method);
   rounds at the evaluation interval also carry ``test_loss`` and
   ``test_metric`` (held-out, after the round);
-* ``summary.json``: the final metrics and the wall time.
+* ``summary.json``: the final metrics, each task's ``constant_baseline``
+  (:func:`fgn_jax.baselines.constant_baseline`) and the wall time;
+* ``curves.png`` and ``tensorboard/`` (:mod:`fgn_jax.curves`).
+
+Round numbering: a row's ``round`` is the 0-based index of the round; the
+progress lines count rounds done (``round 20/150`` follows the row of round
+19). Everything the flags alone decide (the settings, the batch size against
+the planned client sizes, the work directory) is checked before any data is
+generated or anything is compiled; a finished run re-invoked returns its
+summary at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -23,14 +33,25 @@ import signal
 import sys
 import threading
 import time
-from typing import Callable, TextIO
+from typing import Callable, NamedTuple, TextIO
 
 import jax
 import numpy as np
 
 import fgn_jax
 from fgn_jax import aggregation as aggregation_lib
-from fgn_jax import algorithms, channel, checkpoint, models, optimizers, sharding, simulate, weightings
+from fgn_jax import (
+    algorithms,
+    baselines,
+    channel,
+    checkpoint,
+    curves,
+    models,
+    optimizers,
+    sharding,
+    simulate,
+    weightings,
+)
 from fgn_jax import workdir as workdir_lib
 from fgn_jax.data import loaders, partition, synthetic
 from fgn_jax.data import pool as pool_lib
@@ -299,6 +320,134 @@ def client_distances(config: ExperimentConfig, num_clients: int) -> np.ndarray:
     return rng.uniform(lo, hi, num_clients).astype(np.float32)
 
 
+# Examples per vmapped group of clients with --client_batch=0: the group's
+# activations then fit the CPU caches far better than all clients at once
+# (1.7x faster rounds for the MTFL trunk, 32 clients x batch 64, on a 2-core
+# CPU; benchmarks/README.md).
+GROUP_EXAMPLES = 256
+
+
+class FlagDoc(NamedTuple):
+    """The command-line help of one :class:`ExperimentConfig` field (experiments/cli.py reads it).
+
+    Attributes:
+      group: one of :data:`FLAG_GROUPS`, the heading ``--help`` lists the flag under.
+      help: one line: meaning, unit, allowed values.
+      choices: the allowed strings of a choice flag (it becomes an enum flag), or None.
+    """
+
+    group: str
+    help: str
+    choices: tuple[str, ...] | None = None
+
+
+FLAG_GROUPS = ("data", "model and algorithm", "federation", "output", "performance")
+
+# One line per ExperimentConfig field. A field missing here still gets a flag
+# (with a generic help, under "other"); add its line when adding the field.
+FLAG_DOCS = {
+    # data
+    "dataset": FlagDoc(
+        "data", "Data: synthetic_* are generated in memory; mtfl and radcom_dynamic read --data_dir.", DATASETS
+    ),
+    "data_dir": FlagDoc(
+        "data", "Real datasets: the folder with MTFL.zip or RadComDynamic.hdf5 (README: real datasets)."
+    ),
+    "build_dir": FlagDoc(
+        "data", "Real datasets: where the TFDS build goes (empty: $TFDS_DATA_DIR or ~/tensorflow_datasets)."
+    ),
+    "anomaly_snr_db": FlagDoc("data", "RadCom: the derived anomaly task's positive class is SNR >= this, in dB."),
+    "examples_per_client": FlagDoc(
+        "data", "Training examples per client (the mean over clients under --imbalance); real data caps the total."
+    ),
+    "test_examples_per_client": FlagDoc("data", "Held-out examples per client, for test_loss / test_metric."),
+    "imbalance": FlagDoc("data", "Power-law exponent of the clients' train sizes, >= 0 (0: equal sizes)."),
+    "client_sizes": FlagDoc("data", "Explicit train sizes, one per client, e.g. 500,200,100 (overrides --imbalance)."),
+    "dirichlet_beta": FlagDoc(
+        "data", "Label skew of classification clients: Dirichlet(beta) class mixes, > 0 (0: IID)."
+    ),
+    "overlap": FlagDoc(
+        "data",
+        "none: every client holds different examples; across_tasks: clients of different tasks may share.",
+        partition.OVERLAPS,
+    ),
+    "data_seed": FlagDoc("data", "Seed of data generation and partitioning (independent of --seed)."),
+    # model and algorithm
+    "algorithm": FlagDoc(
+        "model and algorithm",
+        "fedgradnorm: GradNorm task weights; fedrep: equal weights; local / centralized: reference points.",
+        algorithms.ALGORITHMS,
+    ),
+    "tau_head": FlagDoc("model and algorithm", "Head optimiser steps per client per round (>= 1)."),
+    "tau_shared": FlagDoc("model and algorithm", "Shared-trunk optimiser steps per client per round (>= 1)."),
+    "batch_size": FlagDoc(
+        "model and algorithm", "Examples per minibatch step, drawn with replacement; at most the largest client's data."
+    ),
+    "client_optimizer": FlagDoc("model and algorithm", "Client optimiser (heads and trunk).", optimizers.OPTIMIZERS),
+    "client_lr": FlagDoc("model and algorithm", "Client learning rate, > 0."),
+    "server_optimizer": FlagDoc(
+        "model and algorithm", "Server optimiser applied to the aggregated update.", optimizers.OPTIMIZERS
+    ),
+    "server_lr": FlagDoc("model and algorithm", "Server learning rate, > 0 (1 with sgd: theta += aggregated update)."),
+    "alpha": FlagDoc("model and algorithm", "GradNorm asymmetry alpha >= 0 (larger: pull slow tasks harder)."),
+    "weight_lr": FlagDoc("model and algorithm", "Learning rate of the task weights (GradNorm gradient step), >= 0."),
+    "weight_eps": FlagDoc("model and algorithm", "Floor of each task weight before renormalising to sum T, in (0, 1)."),
+    "seed": FlagDoc("model and algorithm", "Seed of initialisation and minibatch sampling."),
+    "standardize_targets": FlagDoc(
+        "model and algorithm", "Regression clients predict targets standardised by their own train mean/std."
+    ),
+    "weighting": FlagDoc(
+        "model and algorithm",
+        f"Task weighting: {', '.join(weightings.WEIGHTINGS)} (empty: the algorithm's own; README: task weightings).",
+    ),
+    "dwa_temperature": FlagDoc("model and algorithm", "DWA softmax temperature, > 0."),
+    "cagrad_c": FlagDoc("model and algorithm", "CAGrad ball radius c, >= 0."),
+    "uncertainty_lr": FlagDoc("model and algorithm", "Uncertainty weighting: step size of the log-variances, >= 0."),
+    # federation
+    "rounds": FlagDoc("federation", "Communication rounds to run; a larger value on a finished --workdir extends it."),
+    "num_clients": FlagDoc("federation", "Clients, tasks assigned round-robin (0: one client per task)."),
+    "client_tasks": FlagDoc("federation", "Explicit client->task indices, e.g. 0,1,2,2 (overrides --num_clients)."),
+    "aggregation": FlagDoc(
+        "federation",
+        "ideal: noiseless mean; ota: clients -> PS over the air; hota: clients -> IS -> PS (docs/hota.md).",
+        tuple(aggregation_lib.AGGREGATIONS),
+    ),
+    "num_clusters": FlagDoc("federation", "hota: clusters (intermediate servers); clients split evenly over them."),
+    "cluster_rounds": FlagDoc("federation", "hota: intra-cluster rounds E per global round, >= 1."),
+    "fading": FlagDoc("federation", "ota/hota: small-scale fading of the client uplink.", channel.FADINGS),
+    "rician_k": FlagDoc("federation", "Rician K factor (linear, >= 0) for --fading=rician."),
+    "power_control": FlagDoc(
+        "federation", "ota/hota: tci (truncated channel inversion) or phase (phase-only).", channel.POWER_CONTROLS
+    ),
+    "truncation_q": FlagDoc("federation", "tci: non-truncation probability q in (0, 1]."),
+    "snr_db": FlagDoc("federation", "Client -> receiver SNR per entry, in dB ('inf': noiseless)."),
+    "ps_snr_db": FlagDoc("federation", "hota: IS -> PS SNR per entry, in dB ('inf': noiseless)."),
+    "ps_antennas": FlagDoc("federation", "hota: PS receive antennas M (blind combining), >= 1."),
+    "path_loss_exponent": FlagDoc("federation", "Path loss beta = distance^-exponent (0: no path loss)."),
+    "distance_range": FlagDoc("federation", "Client distances drawn uniformly in lo,hi from --data_seed."),
+    "client_distances": FlagDoc(
+        "federation", "Explicit per-client distances, e.g. 1,1,3 (overrides --distance_range)."
+    ),
+    "channel_aware": FlagDoc("federation", "ota/hota: GradNorm sees the channel gain (false: channel-unaware)."),
+    # output
+    "log_every": FlagDoc("output", "Rounds per progress line and per metrics.jsonl write (one compiled chunk)."),
+    "eval_every": FlagDoc("output", "Rounds between held-out evaluations; a multiple of --log_every."),
+    "checkpoint_every": FlagDoc("output", "Rounds between checkpoints (at the first chunk end past each multiple)."),
+    "keep_checkpoints": FlagDoc("output", "Checkpoints kept on disk (the newest ones), >= 1."),
+    # performance
+    "client_execution": FlagDoc(
+        "performance",
+        "vmap: all clients in one vectorised program; loop: one client at a time.",
+        simulate.CLIENT_EXECUTIONS,
+    ),
+    "client_batch": FlagDoc(
+        "performance", f"Clients vmapped at once per device (0: automatic, about {GROUP_EXAMPLES} examples a group)."
+    ),
+    "conv_impl": FlagDoc("performance", "Convolution: auto (fastest on CPU), im2col or lax.", models.CONV_IMPLS),
+    "num_devices": FlagDoc("performance", "Devices the client axis is sharded over (0: all, over all processes)."),
+}
+
+
 def _load_pools(config: ExperimentConfig, num_train: int, num_test: int):
     if config.dataset in synthetic.POOLS:
         make = synthetic.POOLS[config.dataset]
@@ -411,20 +560,97 @@ def build_simulation(config: ExperimentConfig, dataset: pool_lib.FederatedDatase
     )
 
 
-# Examples per vmapped group of clients with --client_batch=0: the group's
-# activations then fit the CPU caches far better than all clients at once
-# (1.7x faster rounds for the MTFL trunk, 32 clients x batch 64, on a 2-core
-# CPU; benchmarks/README.md).
-GROUP_EXAMPLES = 256
-
-
 def auto_client_batch(batch_size: int) -> int:
     """Clients per vmapped group for ``--client_batch=0``: about :data:`GROUP_EXAMPLES` examples."""
     return max(1, GROUP_EXAMPLES // batch_size)
 
 
-def _fmt(values) -> str:
-    return "[" + " ".join(f"{v:.3f}" for v in values) + "]"
+def planned_train_sizes(config: ExperimentConfig) -> np.ndarray:
+    """The clients' train sizes the flags ask for, before any data exists (real data may cap them lower)."""
+    c = len(client_task_map(config))
+    if config.client_sizes:
+        try:
+            return partition.parse_sizes(config.client_sizes, c)
+        except ValueError as e:
+            raise ConfigError(f"--client_sizes: {e}") from None
+    try:
+        return partition.power_law_sizes(config.examples_per_client * c, c, config.imbalance)
+    except ValueError as e:
+        raise ConfigError(f"--imbalance: {e}") from None
+
+
+def check_batch_size(config: ExperimentConfig, train_sizes: np.ndarray) -> str | None:
+    """Refuses a batch larger than every client's data; warns when larger than some.
+
+    Minibatches are drawn with replacement inside a client's own examples
+    (algorithms.sample_batch), so a batch larger than a small client's data
+    is valid (it repeats examples) and is kept as asked: clamping it would
+    change every other client's batch too. A batch larger than *every*
+    client's data can only be a mistake (and costs time for nothing).
+
+    Returns:
+      A warning line if some clients hold fewer examples than a batch, else None.
+
+    Raises:
+      ConfigError: ``--batch_size`` exceeds the largest client's train data.
+    """
+    largest, smallest = int(np.max(train_sizes)), int(np.min(train_sizes))
+    if config.batch_size > largest:
+        raise ConfigError(
+            f"--batch_size: {config.batch_size} is larger than every client's training data "
+            f"(the largest client has {largest} examples); use at most {largest}"
+        )
+    if config.batch_size > smallest:
+        few = int(np.sum(np.asarray(train_sizes) < config.batch_size))
+        return (
+            f"warning: --batch_size={config.batch_size} is larger than the training data of {few} client(s) "
+            f"(smallest: {smallest} examples); their minibatches repeat examples (drawn with replacement)"
+        )
+    return None
+
+
+def metric_symbols(dataset: pool_lib.FederatedDataset) -> list[str]:
+    """Per task, its held-out metric with its direction, e.g. ``"acc↑"`` or ``"NME↓"``."""
+    return [baselines.SYMBOL.get(t.metric, t.metric) for t in dataset.tasks]
+
+
+def format_duration(seconds: float) -> str:
+    """``42 s``, ``3 min 05 s`` or ``2 h 10 min``."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+def progress_line(done: int, rounds: int, row: dict, task_names, symbols, rate: float | None = None) -> str:
+    """``round 20/150 | 3.1 rounds/s, ETA 42 s | landmarks loss 0.52 w 1.20 NME↓ 0.108 | gender ...``.
+
+    ``done`` counts rounds done; ``row`` is the metrics.jsonl row of the last
+    of them (its ``round`` is ``done - 1``). Per task: training loss, task
+    weight and, on evaluation rounds, the held-out metric with its direction.
+    """
+    head = f"round {done}/{rounds}"
+    if rate is not None and rate > 0:
+        head += f" | {rate:.2f} rounds/s, ETA {format_duration((rounds - done) / rate)}"
+    parts = [head]
+    for k, name in enumerate(task_names):
+        part = f"{name} loss {row['task_loss'][k]:.3f} w {row['task_weight'][k]:.2f}"
+        if "test_metric" in row:
+            part += f" {symbols[k]} {row['test_metric'][k]:.3f}"
+        parts.append(part)
+    return " | ".join(parts)
+
+
+def final_line(summary: dict, symbols) -> str:
+    """Each task's final held-out metric beside the constant predictor's (:mod:`fgn_jax.baselines`)."""
+    parts = []
+    for k, name in enumerate(summary["task_names"]):
+        base = summary["constant_baseline"][k]
+        part = f"{name} {symbols[k]} {summary['final_test_metric'][k]:.3f}"
+        parts.append(part + ("" if math.isnan(base) else f" (constant {base:.3f})"))
+    return "held-out after the last round (constant predictor in brackets): " + " | ".join(parts)
 
 
 class Diverged(RuntimeError):
@@ -484,7 +710,9 @@ def train_and_evaluate(
     Re-running the same command on the same ``workdir`` continues from the
     latest checkpoint; the resulting ``metrics.jsonl`` is identical to that of
     an uninterrupted run. A workdir holding a run with other settings is
-    refused unless ``overwrite``.
+    refused unless ``overwrite``. A run that already holds ``config.rounds``
+    rounds (its summary.json says so) is not run again: its summary is
+    returned; a larger ``rounds`` extends it (config.json is rewritten).
 
     Args:
       config: the settings (validated here).
@@ -504,41 +732,7 @@ def train_and_evaluate(
     """
     config.validate()
     start = time.time()
-    dataset = build_dataset(config)
-    # The client axis is sharded over a device mesh (padded with masked
-    # clients to split evenly); "loop" runs one client at a time, unsharded.
-    mesh = sharding.make_mesh(config.num_devices) if config.client_execution == "vmap" else None
-    sim = dataclasses.replace(build_simulation(config, dataset), mesh=mesh)
-    env = sim.make_env(dataset)
-    hparams = config.hparams()
-    state = sim.init(jax.random.key(config.seed), env, hparams)
-
-    task_names = dataset.task_names
-    # Client slots (real + masked padding) and, for imbalanced clients, which
-    # client sits in which slot (simulate.make_env) depend on the device
-    # count; a checkpoint only fits the same ones, so a change is refused up front.
-    slot_ids = [int(i) for i in sim.client_order(dataset)]
-    settings = {
-        **dataclasses.asdict(config),
-        "task_names": task_names,
-        "client_slots": len(slot_ids),
-        "client_order": None if slot_ids == list(range(len(slot_ids))) else slot_ids,  # None: client order
-    }
     is_writer = jax.process_index() == 0
-    resuming = workdir_lib.prepare_on_writer(workdir, settings, overwrite)
-    if is_writer and not resuming:
-        workdir_lib.write_json_atomic(
-            os.path.join(workdir, workdir_lib.CONFIG),
-            {
-                **settings,
-                "client_task": [int(k) for k in dataset.client_task],
-                "train_sizes": [int(s) for s in dataset.train.size],
-                "test_sizes": [int(s) for s in dataset.test.size],
-                "version": fgn_jax.__version__,
-                "jax_version": jax.__version__,
-                "devices": [str(d) for d in jax.devices()],
-            },
-        )
 
     def say(msg):
         if log is not None and is_writer:
@@ -548,9 +742,64 @@ def train_and_evaluate(
         if on_event is not None:
             on_event(name, done)
 
+    # Everything the flags alone decide is checked before any data exists or anything compiles.
+    check_batch_size(config, planned_train_sizes(config))
+    resuming = workdir_lib.prepare_on_writer(workdir, dataclasses.asdict(config), overwrite)
+    if resuming:
+        finished = workdir_lib.finished_on_writer(workdir, config.rounds)
+        if finished is not None:
+            say(
+                f"{workdir} already holds this run, finished after {finished.get('rounds')} rounds "
+                f"(summary.json); nothing to do (a larger --rounds extends it)"
+            )
+            return finished
+
+    dataset = build_dataset(config)
+    warning = check_batch_size(config, dataset.train.size)  # the sizes real data allowed
+    # The client axis is sharded over a device mesh (padded with masked
+    # clients to split evenly); "loop" runs one client at a time, unsharded.
+    mesh = sharding.make_mesh(config.num_devices) if config.client_execution == "vmap" else None
+    sim = dataclasses.replace(build_simulation(config, dataset), mesh=mesh)
+    task_names = dataset.task_names
+    symbols = metric_symbols(dataset)
+    # Client slots (real + masked padding) and, for imbalanced clients, which
+    # client sits in which slot (simulate.make_env) depend on the device
+    # count; a checkpoint only fits the same ones, so a change is refused up front.
+    slot_ids = [int(i) for i in sim.client_order(dataset)]
+    layout = {
+        "task_names": task_names,
+        "client_slots": len(slot_ids),
+        "client_order": None if slot_ids == list(range(len(slot_ids))) else slot_ids,  # None: client order
+    }
+    if resuming:
+        workdir_lib.check_layout_on_writer(workdir, layout)
+    if is_writer:  # rewritten on resume too: config.json describes the run as it is now (e.g. --rounds)
+        workdir_lib.write_json_atomic(
+            os.path.join(workdir, workdir_lib.CONFIG),
+            {
+                **dataclasses.asdict(config),
+                **layout,
+                "task_metrics": symbols,
+                "client_task": [int(k) for k in dataset.client_task],
+                "train_sizes": [int(s) for s in dataset.train.size],
+                "test_sizes": [int(s) for s in dataset.test.size],
+                "train_labels": _histograms(dataset.train, dataset),
+                "test_labels": _histograms(dataset.test, dataset),
+                "version": fgn_jax.__version__,
+                "jax_version": jax.__version__,
+                "devices": [str(d) for d in jax.devices()],
+            },
+        )
+
     method = f" (weighting {config.weighting})" if config.weighting else ""
     say(f"{config.algorithm}{method} on {config.dataset}: {dataset.num_clients} clients, tasks {', '.join(task_names)}")
     say(partition.client_table(dataset))
+    if warning:
+        say(warning)
+    env = sim.make_env(dataset)
+    hparams = config.hparams()
+    say(f"compiling (the first {config.log_every} rounds include it) ...")
+    state = sim.init(jax.random.key(config.seed), env, hparams)
 
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, workdir_lib.CHECKPOINTS), keep=config.keep_checkpoints)
     restored = ckpt.restore_latest(state, say) if resuming else None
@@ -560,16 +809,25 @@ def train_and_evaluate(
     else:
         done = 0
     rows = workdir_lib.reset_metrics(workdir, done) if is_writer else []
+    board = (
+        curves.TensorBoard(os.path.join(workdir, workdir_lib.TENSORBOARD), task_names, purge_step=done or None)
+        if is_writer
+        else None
+    )
     last_checkpoint = done
     checkpoint_s = []
     compile_s = None
-    loop_start, loop_start_round = time.time(), done
-    with _StopRequest() as stop:
+    # Rounds per second exclude the first chunk (it includes compilation).
+    rate_start = rate_start_round = None
+    with _StopRequest() as stop, contextlib.ExitStack() as closing:
+        if board is not None:
+            closing.callback(board.close)
         while done < config.rounds:
             t0 = time.time()
             state, chunk_metrics = sim.run_chunk(state, env, hparams, config.rounds)
             chunk_rows = simulate.metrics_rows(chunk_metrics)
-            if compile_s is None:
+            first_chunk = compile_s is None
+            if first_chunk:
                 compile_s = time.time() - t0
             problem = first_nonfinite(chunk_rows, task_names)
             if problem is not None:
@@ -585,12 +843,15 @@ def train_and_evaluate(
                 )
                 ckpt.close()
                 raise Diverged(f"diverged at {problem}; {kept}")
-            done = int(state.server.round)
+            previous, done = done, int(state.server.round)
             if done % config.eval_every == 0 or done == config.rounds:
                 ev = jax.device_get(sim.evaluate(state, env, hparams))
                 chunk_rows[-1].update({k: [float(v) for v in ev[k]] for k in ev})
+            if first_chunk:
+                say(f"first {done - previous} rounds done in {time.time() - t0:.1f} s (compilation included)")
             if is_writer:
                 workdir_lib.append_metrics(workdir, chunk_rows)
+                board.write(chunk_rows)
             rows.extend(chunk_rows)
             event("metrics", done)
             # Chunks end every log_every rounds: checkpoint at the first chunk end past each multiple.
@@ -599,15 +860,15 @@ def train_and_evaluate(
                 last_checkpoint = done
                 checkpoint_s.append(ckpt.save(done, state))
                 event("checkpoint", done)
-            rate = (done - loop_start_round) / max(time.time() - loop_start, 1e-9)
-            last = chunk_rows[-1]
-            msg = f"round {done}/{config.rounds} ({rate:.2f} rounds/s) loss {_fmt(last['task_loss'])}"
-            msg += f" weights {_fmt(last['task_weight'])}"
+            rate = None
+            if rate_start is None:
+                rate_start, rate_start_round = time.time(), done
+            elif done > rate_start_round:
+                rate = (done - rate_start_round) / max(time.time() - rate_start, 1e-9)
+            line = progress_line(done, config.rounds, chunk_rows[-1], task_names, symbols, rate)
             if config.aggregation != "ideal":
-                msg += f" participation {_fmt(last['participation'])}"
-            if "test_metric" in last:
-                msg += f" test metric {_fmt(last['test_metric'])}"
-            say(msg)
+                line += " | participation " + " ".join(f"{v:.2f}" for v in chunk_rows[-1]["participation"])
+            say(line)
             if stop.signum is not None and done < config.rounds:
                 ckpt.close()
                 raise Interrupted(
@@ -621,10 +882,13 @@ def train_and_evaluate(
     summary = {
         "rounds": done,
         "task_names": task_names,
+        "task_metrics": symbols,
         "final_task_loss": rows[-1]["task_loss"] if rows else None,
         # The weights applied in the last round (every weighting method has them).
         "final_task_weight": rows[-1]["task_weight"] if rows else None,
         **({"final_test_loss": evals[-1]["test_loss"], "final_test_metric": evals[-1]["test_metric"]} if evals else {}),
+        # The held-out metric of the best input-independent predictor, per task (fgn_jax.baselines).
+        "constant_baseline": baselines.constant_baseline(dataset),
         "first_task_loss": rows[0]["task_loss"] if rows else None,
         # Per task, means over the rounds (1 under ideal aggregation).
         "mean_participation": np.mean([r["participation"] for r in rows], axis=0).tolist() if rows else None,
@@ -636,5 +900,16 @@ def train_and_evaluate(
     }
     if is_writer:
         workdir_lib.write_json_atomic(os.path.join(workdir, workdir_lib.SUMMARY), summary)
-    say(f"done in {summary['wall_time_s']:.1f} s; summary in {os.path.join(workdir, workdir_lib.SUMMARY)}")
+        if rows:
+            run = curves.Run(config.algorithm, task_names, symbols, rows)
+            curves.plot([run], os.path.join(workdir, workdir_lib.CURVES), f"{config.algorithm} on {config.dataset}")
+    if evals:
+        say(final_line(summary, symbols))
+    say(f"done in {summary['wall_time_s']:.1f} s; summary, curves.png and tensorboard/ in {workdir}")
     return summary
+
+
+def _histograms(split: pool_lib.Split, dataset: pool_lib.FederatedDataset) -> list[list[int] | None]:
+    # Per client, the label counts of its task (None for regression): the full client table for config.json.
+    hists = partition.label_histograms(split, dataset.tasks, dataset.client_task)
+    return [None if h is None else [int(v) for v in h] for h in hists]

@@ -41,7 +41,7 @@ def test_two_by_two_sweep_equals_four_single_runs_and_compiles_once(tmp_path):
     assert [(r["alpha"], r["seed"]) for r in results] == [(0.5, 0), (0.5, 1), (1.5, 0), (1.5, 1)]
     for r in results:
         rows, final_weights = single_run(seed=r["seed"], alpha=r["alpha"])
-        assert r["name"] == f"alpha={r['alpha']:g},seed={r['seed']}"
+        assert r["name"] == f"alpha{r['alpha']:g}_seed{r['seed']}"
         sweep_rows = read_jsonl(tmp_path / r["name"] / "metrics.jsonl")
         assert [x["round"] for x in sweep_rows] == [x["round"] for x in rows] == list(range(4))
         for a, b in zip(sweep_rows, rows):
@@ -81,7 +81,7 @@ def test_grid_order_names_and_errors():
     assert [(c.alpha, c.seed) for c in configs] == [(a, s) for a in (0.5, 1.5) for s in (0, 1, 2)]
     assert {c.client_lr for c in configs} == {base.client_lr}
     assert sweep.varied(configs) == ["alpha", "seed"]
-    assert sweep.config_name(configs[4], sweep.varied(configs)) == "alpha=1.5,seed=1"
+    assert sweep.config_name(configs[4], sweep.varied(configs)) == "alpha1.5_seed1"
     with pytest.raises(training.ConfigError, match="cannot sweep"):
         sweep.grid(base, {"rounds": [1, 2]})
     with pytest.raises(training.ConfigError, match="--alpha"):

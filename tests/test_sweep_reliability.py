@@ -26,7 +26,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_RUN = dict(**SMALL, rounds=8, log_every=2, eval_every=2)
 BASE = dataclasses.replace(make_setup(**TINY_RUN).config, checkpoint_every=2, keep_checkpoints=3)
 GRID = {"client_lr": [0.05, 0.5]}  # 0.5 blows up after a few rounds (tests/test_reliability.py)
-NAMES = ["client_lr=0.05,seed=0", "client_lr=0.5,seed=0"]
+NAMES = ["client_lr0.05_seed0", "client_lr0.5_seed0"]
 
 
 class Crash(Exception):
@@ -152,7 +152,7 @@ def test_stop_names_the_configuration_keeps_good_rows_and_resumes_with_mask(mask
     bad = single[0.5][1]
     kept = bad // BASE.checkpoint_every * BASE.checkpoint_every  # the last chunk end before the bad round
     pattern = (
-        rf"^configuration client_lr=0\.5,seed=0 diverged at round {bad}: (task_loss|grad_norm|task_weight) of task "
+        rf"^configuration client_lr0\.5_seed0 diverged at round {bad}: (task_loss|grad_norm|task_weight) of task "
         rf"'\w+' is (nan|inf|-inf); the last good checkpoint \(round {kept}\) is kept in \S+$"
     )
     with pytest.raises(training.Diverged, match=pattern):
@@ -224,13 +224,13 @@ def test_a_different_sweep_is_refused_unless_overwrite(masked, tmp_path):
     assert run_files(path) == before  # nothing touched
 
     # A stop-mode re-run of a sweep with a masked configuration stops on it.
-    with pytest.raises(training.Diverged, match=r"client_lr=0\.5,seed=0 diverged at .* \(masked in an earlier run\)"):
+    with pytest.raises(training.Diverged, match=r"client_lr0\.5_seed0 diverged at .* \(masked in an earlier run\)"):
         sweep.run_sweep(BASE, GRID, str(path), log=None, on_divergence="stop")
 
     (path / "notes.txt").write_text("mine")
     other = {"client_lr": [0.05, 0.1]}
     results = sweep.run_sweep(dataclasses.replace(BASE, rounds=2), other, str(path), log=None, overwrite=True)
-    assert [r["name"] for r in results] == ["client_lr=0.05,seed=0", "client_lr=0.1,seed=0"]
+    assert [r["name"] for r in results] == ["client_lr0.05_seed0", "client_lr0.1_seed0"]
     assert sorted(p.name for p in path.iterdir() if p.is_dir()) == ["checkpoints", *[r["name"] for r in results]]
     assert not (path / "divergence.json").exists()
     assert len(workdir.read_metrics(str(path / results[1]["name"]))) == 2
@@ -250,7 +250,7 @@ def test_cli_stop_exits_with_code_3_and_one_line(masked, single, tmp_path):
     )
     assert proc.returncode == 3, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
-    assert lines[-1].startswith(f"error: configuration client_lr=0.5,seed=0 diverged at round {single[0.5][1]}: ")
+    assert lines[-1].startswith(f"error: configuration client_lr0.5_seed0 diverged at round {single[0.5][1]}: ")
     assert "Traceback" not in proc.stderr
     # Same settings as BASE: the mask-mode re-run resumes and ends like the uninterrupted sweep.
     sweep.run_sweep(BASE, GRID, str(tmp_path), log=None, on_divergence="mask")

@@ -59,7 +59,7 @@ def run_cli(*args):
     [
         ("--rounds=-1", "--rounds: must be at least 1"),
         ("--alpha=-0.5", "--alpha: must be >= 0"),
-        ("--dataset=cifar", "--dataset: unknown dataset 'cifar'"),
+        ("--dataset=cifar", "--dataset=cifar: value should be one of <synthetic_mtfl|"),
         ("--num_clients=3", "--num_clients: num_clients=3 is less than the number of tasks (5)"),
         ("--client_tasks=0,1,9", "--client_tasks: task index 9 out of range"),
         ("--eval_every=15", "--eval_every: must be a multiple of --log_every=10"),

@@ -301,19 +301,36 @@ def label_histograms(
     return out
 
 
-def client_table(dataset: pool_lib.FederatedDataset) -> str:
-    """A printable table of client sizes and label histograms.
+def _format_table(rows: list[tuple[str, ...]], right: tuple[bool, ...]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for row in rows:
+        cells = [v.rjust(w) if r else v.ljust(w) for v, w, r in zip(row, widths, right, strict=True)]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
 
-    Example::
+
+# Above this many clients, client_table prints one line per task instead of one per client.
+MAX_TABLE_CLIENTS = 20
+
+
+def client_table(dataset: pool_lib.FederatedDataset, max_clients: int = MAX_TABLE_CLIENTS) -> str:
+    """A printable table of client sizes and label histograms (per task above ``max_clients`` clients).
+
+    Example (one line per client)::
 
         client  task       train  test  train labels  test labels
              0  landmarks    500   100  -             -
              1  gender       200    50  150 50        38 12
          total               700   150
 
+    Above ``max_clients`` clients, one line per task (:func:`task_table`).
+
     Returns:
-      The table, one line per client plus a header and a total line.
+      The table, with a header and a total line.
     """
+    if dataset.num_clients > max_clients:
+        return task_table(dataset)
     hist_train = label_histograms(dataset.train, dataset.tasks, dataset.client_task)
     hist_test = label_histograms(dataset.test, dataset.tasks, dataset.client_task)
 
@@ -333,10 +350,42 @@ def client_table(dataset: pool_lib.FederatedDataset) -> str:
             )
         )
     rows.append(("total", "", str(int(dataset.train.size.sum())), str(int(dataset.test.size.sum())), "", ""))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    right = (True, False, True, True, False, False)
-    lines = []
-    for row in rows:
-        cells = [v.rjust(w) if r else v.ljust(w) for v, w, r in zip(row, widths, right, strict=True)]
-        lines.append("  ".join(cells).rstrip())
-    return "\n".join(lines)
+    return _format_table(rows, (True, False, True, True, False, False))
+
+
+def task_table(dataset: pool_lib.FederatedDataset) -> str:
+    """Per task: client count, train and test size min/median/max, the train label histogram summed over its clients.
+
+    Example::
+
+        task        clients  train min/median/max  test min/median/max  train labels
+        modulation       86            12/ 31/600             8/  8/  8  603 211 ...
+        total           256                  9000                  2048
+
+    Returns:
+      The table, one line per task plus a header and a total line.
+    """
+    hist_train = label_histograms(dataset.train, dataset.tasks, dataset.client_task)
+    rows = [("task", "clients", "train min/median/max", "test min/median/max", "train labels")]
+
+    def spread(sizes: np.ndarray) -> str:
+        if not len(sizes):
+            return "-"
+        return f"{int(sizes.min())}/{int(np.median(sizes))}/{int(sizes.max())}"
+
+    for k, task in enumerate(dataset.tasks):
+        members = np.flatnonzero(np.asarray(dataset.client_task) == k)
+        hists = [hist_train[c] for c in members if hist_train[c] is not None]
+        labels = " ".join(str(int(v)) for v in np.sum(hists, axis=0)) if hists else "-"
+        rows.append(
+            (
+                task.name,
+                str(len(members)),
+                spread(dataset.train.size[members]),
+                spread(dataset.test.size[members]),
+                labels,
+            )
+        )
+    total_train, total_test = int(dataset.train.size.sum()), int(dataset.test.size.sum())
+    rows.append(("total", str(dataset.num_clients), str(total_train), str(total_test), ""))
+    return _format_table(rows, (False, True, True, True, False))
