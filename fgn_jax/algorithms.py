@@ -342,7 +342,8 @@ def build(config: AlgorithmConfig, hparams: HParams, input_shape: tuple[int, ...
         task_gain = per_task(report.gain)
         stats = weighting_base.TaskStats(task_loss, task_grad_norm, present, task_gain, weights)
         new_weighting = weighting.update(server.weighting, stats)
-        metrics = {"task_loss": task_loss, "grad_norm": task_grad_norm, "task_weight": weights}
+        # participants: per task, the clients whose update was used this round.
+        metrics = {"task_loss": task_loss, "grad_norm": task_grad_norm, "task_weight": weights, "participants": count}
         new_server = ServerState(trunk=trunk, opt_state=opt_state, weighting=new_weighting, round=server.round + 1)
         return new_server, metrics
 

@@ -7,8 +7,11 @@ The entry point parses flags into an :class:`ExperimentConfig` and calls
 * ``metrics.jsonl``: one JSON object per round: ``round``, and per task (lists
   in task order) ``task_loss`` (L_k(t) measured in step 3 of the round),
   ``grad_norm`` (g_k, unweighted) and ``task_weight`` (the weights p^t used in
-  that round's aggregation); rounds at the evaluation interval also carry
+  that round's aggregation), ``participants`` (the clients whose update was
+  used); rounds at the evaluation interval also carry
   ``test_loss`` and ``test_metric`` (held-out, after the round);
+* ``participants.jsonl`` (``--log_participants``, with ``--clients_per_round``):
+  per round the cohort's client ids (``sampled``) and those that reported;
 * ``summary.json``: the final metrics and the wall time.
 """
 
@@ -28,7 +31,7 @@ import jax
 import numpy as np
 
 import fgn_jax
-from fgn_jax import algorithms, checkpoint, models, optimizers, sharding, simulate
+from fgn_jax import algorithms, checkpoint, models, optimizers, sampling, sharding, simulate
 from fgn_jax import workdir as workdir_lib
 from fgn_jax.data import loaders, partition, synthetic
 from fgn_jax.data import pool as pool_lib
@@ -88,6 +91,12 @@ class ExperimentConfig:
     # Regression clients predict targets standardised with their own training mean/std (fgn_jax/tasks.py).
     standardize_targets: bool = True
     num_devices: int = 0  # devices the client axis is sharded over (0: all, over all processes)
+    # Partial participation (fgn_jax/sampling.py): K clients per round (0: all), how they are drawn,
+    # the probability that a sampled client fails to report, and participants.jsonl with the cohorts.
+    clients_per_round: int = 0
+    client_sampling: str = "uniform"
+    dropout_prob: float = 0.0
+    log_participants: bool = False
 
     def validate(self) -> None:
         """Raises ConfigError naming the first invalid flag."""
@@ -156,6 +165,18 @@ class ExperimentConfig:
             bad("num_devices", f"a multi-process run uses all {jax.device_count()} devices; pass 0")
         if self.num_devices > 1 and self.client_execution != "vmap":
             bad("num_devices", "sharding the clients over devices needs --client_execution=vmap")
+        if self.client_sampling not in sampling.SAMPLINGS:
+            bad("client_sampling", f"choose one of {', '.join(sampling.SAMPLINGS)}, got {self.client_sampling!r}")
+        if not 0 <= self.dropout_prob < 1:
+            bad("dropout_prob", f"must be in [0, 1), got {self.dropout_prob}")
+        if self.clients_per_round < 0:
+            bad("clients_per_round", f"must be >= 0 (0 means every client), got {self.clients_per_round}")
+        if self.clients_per_round:
+            num_clients = len(client_task_map(self))
+            if self.clients_per_round > num_clients:
+                bad("clients_per_round", f"{self.clients_per_round} is more than the {num_clients} clients")
+            if self.algorithm == "centralized":
+                bad("clients_per_round", "--algorithm=centralized trains on every client's data jointly; use 0")
 
     def hparams(self) -> algorithms.HParams:
         return algorithms.HParams.create(self.client_lr, self.server_lr, self.alpha, self.weight_lr)
@@ -264,6 +285,9 @@ def build_simulation(config: ExperimentConfig, dataset: pool_lib.FederatedDatase
         client_execution=config.client_execution,
         client_batch=config.client_batch or auto_client_batch(config.batch_size),
         standardize_targets=config.standardize_targets,
+        clients_per_round=config.clients_per_round,
+        client_sampling=config.client_sampling,
+        dropout_prob=config.dropout_prob,
     )
 
 
@@ -364,6 +388,13 @@ def train_and_evaluate(
     # The client axis is sharded over a device mesh (padded with masked
     # clients to split evenly); "loop" runs one client at a time, unsharded.
     mesh = sharding.make_mesh(config.num_devices) if config.client_execution == "vmap" else None
+    blocks = sharding.axis_size(mesh, sharding.CLIENT_AXIS)
+    if config.clients_per_round % blocks:
+        # Each device draws its share of the cohort from its own clients (fgn_jax/sampling.py).
+        raise ConfigError(
+            f"--clients_per_round: {config.clients_per_round} does not split over the {blocks} devices of the "
+            "client axis; use a multiple of them or --num_devices"
+        )
     sim = dataclasses.replace(build_simulation(config, dataset), mesh=mesh)
     env = sim.make_env(dataset)
     hparams = config.hparams()
@@ -415,6 +446,9 @@ def train_and_evaluate(
     else:
         done = 0
     rows = workdir_lib.reset_metrics(workdir, done) if is_writer else []
+    log_participants = is_writer and config.log_participants and config.clients_per_round > 0
+    if log_participants:
+        workdir_lib.reset_metrics(workdir, done, workdir_lib.PARTICIPANTS)
     last_checkpoint = done
     checkpoint_s = []
     compile_s = None
@@ -432,6 +466,9 @@ def train_and_evaluate(
                 good = [r for r in chunk_rows if r["round"] < bad_round]
                 if is_writer:
                     workdir_lib.append_metrics(workdir, good)
+                if log_participants:
+                    cohorts = [r for r in simulate.participants_rows(chunk_metrics) if r["round"] < bad_round]
+                    workdir_lib.append_metrics(workdir, cohorts, workdir_lib.PARTICIPANTS)
                 last_good = max(ckpt.steps(), default=None)
                 kept = (
                     "no checkpoint was saved yet"
@@ -446,6 +483,8 @@ def train_and_evaluate(
                 chunk_rows[-1].update({k: [float(v) for v in ev[k]] for k in ev})
             if is_writer:
                 workdir_lib.append_metrics(workdir, chunk_rows)
+            if log_participants:
+                workdir_lib.append_metrics(workdir, simulate.participants_rows(chunk_metrics), workdir_lib.PARTICIPANTS)
             rows.extend(chunk_rows)
             event("metrics", done)
             # Chunks end every log_every rounds: checkpoint at the first chunk end past each multiple.

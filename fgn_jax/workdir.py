@@ -23,9 +23,10 @@ import numpy as np
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
+PARTICIPANTS = "participants.jsonl"  # --log_participants: the cohort of every round
 SUMMARY = "summary.json"
 CHECKPOINTS = "checkpoints"
-RUN_FILES = (CONFIG, METRICS, SUMMARY, CHECKPOINTS, "corrupt_checkpoints")
+RUN_FILES = (CONFIG, METRICS, PARTICIPANTS, SUMMARY, CHECKPOINTS, "corrupt_checkpoints")
 
 # Settings that may change between a run and its resumption: they do not
 # change any number the run produces.
@@ -114,9 +115,9 @@ def prepare(workdir: str, settings: Mapping[str, Any], overwrite: bool) -> bool:
     return True
 
 
-def read_metrics(workdir: str, before_round: int | None = None) -> list[dict]:
-    """Complete metric rows (optionally only rounds < before_round)."""
-    path = os.path.join(workdir, METRICS)
+def read_metrics(workdir: str, before_round: int | None = None, name: str = METRICS) -> list[dict]:
+    """Complete metric rows (optionally only rounds < before_round) of ``name`` (a per-round JSON-lines file)."""
+    path = os.path.join(workdir, name)
     rows = []
     if not os.path.exists(path):
         return rows
@@ -134,10 +135,10 @@ def read_metrics(workdir: str, before_round: int | None = None) -> list[dict]:
     return rows
 
 
-def reset_metrics(workdir: str, before_round: int) -> list[dict]:
-    """Keeps only rows of rounds < before_round in metrics.jsonl (atomically)."""
-    rows = read_metrics(workdir, before_round)
-    path = os.path.join(workdir, METRICS)
+def reset_metrics(workdir: str, before_round: int, name: str = METRICS) -> list[dict]:
+    """Keeps only rows of rounds < before_round in ``name`` (metrics.jsonl; atomically)."""
+    rows = read_metrics(workdir, before_round, name)
+    path = os.path.join(workdir, name)
     fd, tmp = tempfile.mkstemp(dir=workdir, prefix=".tmp-")
     with os.fdopen(fd, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
@@ -147,9 +148,9 @@ def reset_metrics(workdir: str, before_round: int) -> list[dict]:
     return rows
 
 
-def append_metrics(workdir: str, rows: Iterable[dict]) -> None:
-    """Appends rows and makes them durable before returning."""
-    with open(os.path.join(workdir, METRICS), "a") as f:
+def append_metrics(workdir: str, rows: Iterable[dict], name: str = METRICS) -> None:
+    """Appends rows to ``name`` (metrics.jsonl) and makes them durable before returning."""
+    with open(os.path.join(workdir, name), "a") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
         f.flush()
         os.fsync(f.fileno())
