@@ -43,6 +43,7 @@ _SWEEP_DEVICES = flags.DEFINE_integer(
 )
 _FLAGS = cli.define_config_flags()
 _DISTRIBUTED = cli.define_distributed_flags()
+_CACHE = cli.define_compilation_cache_flag()
 
 
 def _values() -> dict[str, list]:
@@ -60,6 +61,7 @@ def main(argv):
     if len(argv) > 1:
         sys.exit(f"unexpected arguments: {' '.join(argv[1:])}")
     cli.maybe_initialize_distributed(_DISTRIBUTED)  # before anything touches the devices
+    cli.enable_compilation_cache(_CACHE.value)
     cli.run_or_exit(
         lambda: sweep.run_sweep(
             cli.config_from_flags(_FLAGS),

@@ -23,12 +23,14 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory; re-running on
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a run with a different configuration in --workdir.")
 _FLAGS = cli.define_config_flags()
 _DISTRIBUTED = cli.define_distributed_flags()
+_CACHE = cli.define_compilation_cache_flag()
 
 
 def main(argv):
     if len(argv) > 1:
         sys.exit(f"unexpected arguments: {' '.join(argv[1:])}")
     cli.maybe_initialize_distributed(_DISTRIBUTED)  # before anything touches the devices
+    cli.enable_compilation_cache(_CACHE.value)
     config = cli.config_from_flags(_FLAGS)
     cli.run_or_exit(lambda: training.train_and_evaluate(config, _WORKDIR.value, overwrite=_OVERWRITE.value))
 
