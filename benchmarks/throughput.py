@@ -84,10 +84,18 @@ class Spec:
     torch_threads: int = 0  # 0: torch's default
     client_lr: float = 0.05
     seed: int = 0
+    clients_per_round: int = 0  # partial participation: a cohort of K of the num_clients (0: all)
+    test_examples_per_client: int = 8
 
     @property
     def setup(self) -> str:
-        return f"{self.kind}:{self.num_clients}x{self.batch_size}"
+        cohort = f"/K{self.clients_per_round}" if self.clients_per_round else ""
+        return f"{self.kind}:{self.num_clients}x{self.batch_size}{cohort}"
+
+    @property
+    def cohort(self) -> int:
+        """Clients updated per round."""
+        return self.clients_per_round or self.num_clients
 
     @property
     def label(self) -> str:
@@ -154,7 +162,9 @@ def model_gflop_per_round(kind: str, num_clients: int, batch_size: int, tau_head
 
 # ------------------------------------------------------------------ workers
 def _measure_jax(spec: Spec) -> dict:
-    dataset = common.random_dataset(spec.kind, spec.num_clients, spec.examples_per_client, seed=spec.seed)
+    dataset = common.random_dataset(
+        spec.kind, spec.num_clients, spec.examples_per_client, spec.test_examples_per_client, seed=spec.seed
+    )
     config = algorithms.AlgorithmConfig(
         algorithm="fedgradnorm",
         trunk=spec.kind,
@@ -173,6 +183,7 @@ def _measure_jax(spec: Spec) -> dict:
         client_execution=spec.impl,
         client_batch=spec.client_batch or training.auto_client_batch(spec.batch_size),
         mesh=sharding.make_mesh(spec.cpu_devices) if spec.cpu_devices > 1 else None,
+        clients_per_round=spec.clients_per_round,
     )
     env = sim.make_env(dataset)
     hparams = algorithms.HParams.create(spec.client_lr, 1.0, 1.5, 0.05)
@@ -218,9 +229,11 @@ def _measure_jax(spec: Spec) -> dict:
 def _measure_torch(spec: Spec) -> dict:
     from benchmarks import torch_reference
 
+    # A per-client loop over the cohort: its cost does not depend on the
+    # clients that sit the round out.
     result = torch_reference.run_rounds(
         spec.kind,
-        spec.num_clients,
+        spec.cohort,
         spec.batch_size,
         spec.tau_head,
         spec.tau_shared,
@@ -252,9 +265,11 @@ def measure(spec: Spec) -> dict:
     row["load_after"] = common.load_average()
     row["glibc_tunables"] = os.environ.get("GLIBC_TUNABLES", "")
     row["peak_rss_gib"] = common.peak_rss_gib()
+    row["device_peak_bytes"] = None if spec.impl.startswith("torch") else common.device_peak_bytes()
     if row["status"] == "ok":
-        steps = spec.num_clients * (spec.tau_head + 1 + spec.tau_shared)
+        steps = spec.cohort * (spec.tau_head + 1 + spec.tau_shared)
         row["client_steps_per_second"] = steps / row["seconds_per_round"]
+        row["client_updates_per_second"] = spec.cohort / row["seconds_per_round"]
     return row
 
 

@@ -13,6 +13,9 @@
 * library INFO logging (orbax, absl, JAX's backend probing) is off unless
   ``--verbosity`` asks for it;
 * the multi-host flags that join a ``jax.distributed`` run (docs/scaling.md).
+* ``--compilation_cache_dir``: JAX's persistent compilation cache, on by
+  default, so a second run of the same program loads its compiled chunks
+  instead of compiling them again.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 import re
 import sys
 import textwrap
@@ -27,6 +31,7 @@ from typing import Callable, NamedTuple
 
 from absl import flags
 from absl import logging as absl_logging
+import jax
 
 from fgn_jax import sharding, training
 
@@ -237,3 +242,33 @@ def maybe_initialize_distributed(holders: DistributedFlags) -> None:
             holders.process_id.value,
             [int(i) for i in holders.local_device_ids.value],
         )
+
+
+# Outside any workdir: compiled programs are shared by every run of this user.
+# The environment variable overrides the default (the tests set it to "" so
+# that they never write into the user's cache).
+DEFAULT_COMPILATION_CACHE_DIR = os.path.join("~", ".cache", "fgn_jax", "jax_cache")
+COMPILATION_CACHE_ENV = "FGN_JAX_COMPILATION_CACHE_DIR"
+
+
+def define_compilation_cache_flag() -> flags.FlagHolder:
+    default = os.environ.get(COMPILATION_CACHE_ENV, DEFAULT_COMPILATION_CACHE_DIR)
+    return flags.DEFINE_string(
+        "compilation_cache_dir",
+        default,
+        f"JAX's persistent compilation cache (empty: off; default from ${COMPILATION_CACHE_ENV} if set).",
+    )
+
+
+def enable_compilation_cache(path: str) -> None:
+    """Turns on JAX's persistent compilation cache in ``path`` (``~`` expanded); ``""`` leaves it off.
+
+    Every program is cached, however small or quick to compile: the round
+    chunk is the largest, but a run compiles dozens of small ones (init,
+    evaluation, checkpoint helpers) whose compile times add up.
+    """
+    if not path:
+        return
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -64,6 +64,7 @@ _SWEEP_DEVICES = cli.grouped(
 )
 _FLAGS = cli.define_config_flags()
 _DISTRIBUTED = cli.define_distributed_flags()
+_CACHE = cli.define_compilation_cache_flag()
 
 
 def _values() -> dict[str, list]:
@@ -81,6 +82,7 @@ def main(argv):
     del argv  # cli.flags_parser refuses stray arguments
     cli.quiet_logging()
     cli.maybe_initialize_distributed(_DISTRIBUTED)  # before anything touches the devices
+    cli.enable_compilation_cache(_CACHE.value)
     options = dict(sweep_devices=_SWEEP_DEVICES.value, on_divergence=_ON_DIVERGENCE.value, overwrite=_OVERWRITE.value)
     if _WEIGHTINGS.value:
         cli.run_or_exit(

@@ -25,12 +25,14 @@ _OVERWRITE = cli.grouped(
 )
 _FLAGS = cli.define_config_flags()
 _DISTRIBUTED = cli.define_distributed_flags()
+_CACHE = cli.define_compilation_cache_flag()
 
 
 def main(argv):
     del argv  # cli.flags_parser refuses stray arguments
     cli.quiet_logging()
     cli.maybe_initialize_distributed(_DISTRIBUTED)  # before anything touches the devices
+    cli.enable_compilation_cache(_CACHE.value)
     config = cli.config_from_flags(_FLAGS)
     cli.run_or_exit(lambda: training.train_and_evaluate(config, _WORKDIR.value, overwrite=_OVERWRITE.value))
 

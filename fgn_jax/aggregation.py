@@ -67,7 +67,8 @@ def ideal(channel: channel_lib.ChannelConfig | None = None, hparams=None) -> Agg
 
     def aggregate(deltas, coef, infos, key):
         del key
-        num_used = jnp.sum(infos.mask)
+        # At least one: a round whose every sampled client dropped out moves nothing (no 0/0).
+        num_used = jnp.maximum(jnp.sum(infos.mask), 1.0)
         delta = jax.tree.map(lambda d: jnp.tensordot(coef, d, axes=1) / num_used, deltas)
         ones = jnp.ones_like(infos.mask)
         return delta, ChannelReport(participation=ones, gain=ones)

@@ -420,6 +420,7 @@ def build(config: AlgorithmConfig, hparams: HParams, input_shape: tuple[int, ...
             "task_weight": weights,
             "participation": per_task(report.participation),
             "channel_gain": task_gain,
+            "participants": count,  # per task, the clients whose update was used this round
         }
         new_server = ServerState(trunk=trunk, opt_state=opt_state, weighting=new_weighting, round=server.round + 1)
         return new_server, metrics, extra

@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fgn_jax import algorithms, channel, sharding
+from fgn_jax import algorithms, channel, sampling, sharding
 from fgn_jax import tasks as tasks_lib
 from fgn_jax.data import pool as pool_lib
 from fgn_jax.types import PRNGKey
@@ -200,6 +200,11 @@ def _server_key(key: PRNGKey, round_index) -> jax.Array:
     return jax.random.fold_in(jax.random.fold_in(key, round_index), SERVER_STREAM)
 
 
+def _expand(flag: jax.Array, like: jax.Array) -> jax.Array:
+    """``[K]`` flag broadcastable against a ``[K, ...]`` leaf."""
+    return flag.reshape(flag.shape + (1,) * (like.ndim - 1))
+
+
 # Number of times each Simulation's round chunk was traced (compiled); tests
 # use it to prove that later chunks reuse the first compilation.
 trace_counts: collections.Counter = collections.Counter()
@@ -231,6 +236,11 @@ class Simulation:
       standardize_targets: :meth:`make_env` standardises each regression
         client's targets (see :func:`make_env`). Data only: the programs do
         not depend on it.
+      clients_per_round: cohort size K of partial participation (0: every
+        client, every round). Only the cohort computes (see
+        :meth:`_update_cohort`); on a mesh K must split over the client axis.
+      client_sampling: how the cohort is drawn (:data:`fgn_jax.sampling.SAMPLINGS`).
+      dropout_prob: probability that a sampled client fails to report.
     """
 
     config: algorithms.AlgorithmConfig
@@ -242,6 +252,9 @@ class Simulation:
     eval_client_batch: int = 64
     mesh: jax.sharding.Mesh | None = None  # hashable: the mesh is part of the static jit key
     standardize_targets: bool = False
+    clients_per_round: int = 0
+    client_sampling: str = "uniform"
+    dropout_prob: float = 0.0
 
     def __post_init__(self):
         if self.client_execution not in CLIENT_EXECUTIONS:
@@ -250,6 +263,12 @@ class Simulation:
             raise ValueError("a mesh needs client_execution='vmap'")
         if self.client_batch < 0:
             raise ValueError(f"client_batch must be >= 0, got {self.client_batch}")
+        if self.client_sampling not in sampling.SAMPLINGS:
+            raise ValueError(f"client_sampling must be one of {sampling.SAMPLINGS}")
+        if self.clients_per_round and self.config.algorithm == "centralized":
+            raise ValueError("centralized trains on every client's data jointly: no cohorts")
+        if self.clients_per_round % sharding.axis_size(self.mesh, sharding.CLIENT_AXIS):
+            raise ValueError(f"clients_per_round={self.clients_per_round} does not split over the mesh")
 
     @property
     def trace_count(self) -> int:
@@ -287,18 +306,21 @@ class Simulation:
     def round_step(self, state: SimState, env: Env, hparams: algorithms.HParams):
         """One round for all clients (vmapped); returns ``(state, metrics)``."""
         keys = _client_keys(state.key, state.server.round, env.info.client_id)
+        server_key = _server_key(state.key, state.server.round)
+        infos, cohort_metrics = env.info, {}
         if self.config.algorithm == "centralized":
             server, clients, outputs = self._central_steps(state, env, keys, hparams)
             state = SimState(server=server, clients=clients, key=state.key)
+        elif self.clients_per_round:  # partial participation: only the cohort computes
+            clients, outputs, infos, cohort_metrics = self._update_cohort(state, env, hparams)
         else:
             clients, outputs = self._per_device(self._update_clients)(
                 state.server.trunk, state.clients, env.info, env.data, keys, hparams
             )
-        server_key = _server_key(state.key, state.server.round)
         alg = self.algorithm(hparams)
         if not alg.aggregator.hierarchical:
-            server, metrics = alg.server_update(state.server, outputs, env.info, server_key)
-            return SimState(server=server, clients=clients, key=state.key), metrics
+            server, metrics = alg.server_update(state.server, outputs, infos, server_key)
+            return SimState(server=server, clients=clients, key=state.key), {**metrics, **cohort_metrics}
         # Hierarchical aggregation (aggregation.run_hierarchical): intra-cluster
         # rounds e >= 1 train every client again from its cluster's trunk.
         cluster = channel.cluster_of(env.info.client_id, env.info.mask, alg.aggregator.num_clusters)
@@ -315,6 +337,50 @@ class Simulation:
             state.server, outputs, env.info, server_key, clients, local_round
         )
         return SimState(server=server, clients=clients, key=state.key), metrics
+
+    # ------------------------------------------------- partial participation
+    def _sample(self, key: PRNGKey, round_index, info: algorithms.ClientInfo):
+        """The round's cohort (:func:`fgn_jax.sampling.sample_cohort`): block-local slots [K], used mask [K]."""
+        blocks = sharding.axis_size(self.mesh, sharding.CLIENT_AXIS)
+        return sampling.sample_cohort(
+            self.client_sampling,
+            sampling.cohort_key(_server_key(key, round_index)),
+            info.task_index,
+            info.mask,
+            self.clients_per_round,
+            self.config.num_tasks,
+            blocks,
+            self.dropout_prob,
+        )
+
+    def _update_cohort(self, state: SimState, env: Env, hparams):
+        """Gathers the cohort's states and infos, updates them (vmapped over K), scatters them back.
+
+        Compute and temporaries are O(K); the states and examples of all C
+        clients stay where they are (on a mesh each device gathers from and
+        scatters to its own block). Returns the new client states ``[C]``,
+        the cohort's outputs ``[K]``, its infos ``[K]`` with ``mask`` = real,
+        sampled and reported (the server's per-task means, aggregation and
+        weighting see only those), and the cohort metrics (ids, used mask).
+        """
+        slots, used = self._sample(state.key, state.server.round, env.info)
+        k = self.clients_per_round
+        round_keys = jnp.broadcast_to(jax.random.fold_in(state.key, state.server.round), (k,))
+
+        def per_block(trunk, clients, info, data, slots, used, round_keys, hparams):
+            take = lambda tree: jax.tree.map(lambda a: a[slots], tree)  # noqa: E731
+            cohort, cohort_info = take(clients), take(info)
+            keys = jax.vmap(jax.random.fold_in)(round_keys, cohort_info.client_id)  # as _client_keys
+            new, outputs = self._update_clients(trunk, cohort, cohort_info, data, keys, hparams)
+            # A client that did not report loses its round: its state stays.
+            new = jax.tree.map(lambda n, o: jnp.where(_expand(used > 0, n), n, o), new, cohort)
+            clients = jax.tree.map(lambda a, n: a.at[slots].set(n), clients, new)
+            return clients, outputs, cohort_info.replace(mask=cohort_info.mask * used)
+
+        clients, outputs, infos = self._per_device(per_block)(
+            state.server.trunk, state.clients, env.info, env.data, slots, used, round_keys, hparams
+        )
+        return clients, outputs, infos, {"cohort_ids": infos.client_id, "cohort_used": infos.mask > 0}
 
     def _central_steps(self, state: SimState, env: Env, keys, hparams):
         """``centralized``: ``tau_head + tau_shared`` joint steps; outputs of the first (its losses, ``g``)."""
@@ -408,7 +474,18 @@ class Simulation:
     def _empty_metrics(self):
         t = self.config.num_tasks
         z = jnp.zeros((t,), jnp.float32)
-        return {"task_loss": z, "grad_norm": z, "task_weight": z, "participation": z, "channel_gain": z}
+        empty = {
+            "task_loss": z,
+            "grad_norm": z,
+            "task_weight": z,
+            "participants": z,
+            "participation": z,
+            "channel_gain": z,
+        }
+        if self.clients_per_round:
+            k = self.clients_per_round
+            empty.update(cohort_ids=jnp.zeros((k,), jnp.int32), cohort_used=jnp.zeros((k,), bool))
+        return empty
 
     def run_chunk(self, state: SimState, env: Env, hparams: algorithms.HParams, stop_round) -> tuple[SimState, Any]:
         """Advances up to ``chunk`` rounds, never past ``stop_round``.
@@ -436,18 +513,29 @@ class Simulation:
             if round_index >= int(stop_round):
                 break
             keys = _client_keys(state.key, round_index, env.info.client_id)
+            # Partial participation: the loop runs over the cohort's slots only.
+            slots, used = np.arange(num_clients), np.ones(num_clients, np.float32)
+            if self.clients_per_round:
+                slots, used = map(np.asarray, _jit_sample(self, state.key, round_index, env.info))
             new_clients, outputs = [], []
-            for c in range(num_clients):
+            for c, u in zip(slots, used):
                 pick = lambda tree: jax.tree.map(lambda a: a[c], tree)  # noqa: B023,E731
                 client, out = _jit_client(
                     self, state.server.trunk, pick(state.clients), pick(env.info), env.data, keys[c], hparams
                 )
-                new_clients.append(client)
+                new_clients.append(client if u else pick(state.clients))  # a dropped client keeps its state
                 outputs.append(out)
             stack = lambda xs: jax.tree.map(lambda *a: jnp.stack(a), *xs)  # noqa: E731
             server_key = _server_key(state.key, round_index)
-            server, metrics = _jit_server(self, state.server, stack(outputs), env.info, server_key, hparams)
-            state = SimState(server=server, clients=stack(new_clients), key=state.key)
+            infos, clients = env.info, stack(new_clients)
+            if self.clients_per_round:
+                infos = jax.tree.map(lambda a: a[slots], env.info)  # noqa: B023
+                infos = infos.replace(mask=infos.mask * used)
+                clients = jax.tree.map(lambda a, n: a.at[slots].set(n), state.clients, clients)  # noqa: B023
+            server, metrics = _jit_server(self, state.server, stack(outputs), infos, server_key, hparams)
+            if self.clients_per_round:
+                metrics.update(cohort_ids=infos.client_id, cohort_used=infos.mask > 0)
+            state = SimState(server=server, clients=clients, key=state.key)
             metrics["round"] = jnp.asarray(round_index)
             metrics["active"] = jnp.asarray(True)
             rows.append(metrics)
@@ -545,6 +633,7 @@ def programs(sim: Simulation, sweep: bool = False) -> Programs:
 
 _jit_client = jax.jit(Simulation._one_client, static_argnums=0)
 _jit_server = jax.jit(Simulation._server, static_argnums=0, donate_argnums=1)
+_jit_sample = jax.jit(Simulation._sample, static_argnums=0)
 
 
 def metrics_rows(chunk_metrics) -> list[dict]:
@@ -564,6 +653,28 @@ def metrics_rows(chunk_metrics) -> list[dict]:
                 "task_weight": [float(v) for v in m["task_weight"][i]],
                 "participation": [float(v) for v in m["participation"][i]],
                 "channel_gain": [float(v) for v in m["channel_gain"][i]],
+                "participants": [int(v) for v in m["participants"][i]],
             }
         )
     return rows
+
+
+def participants_rows(chunk_metrics) -> list[dict]:
+    """Host-side per-round cohorts of a partial-participation chunk (``--log_participants``).
+
+    Each row: ``round``, ``sampled`` (the cohort's client ids, ascending
+    within each device block) and ``reported`` (those whose update was used).
+    Empty without a cohort (``clients_per_round=0``: every client, every round).
+    """
+    if chunk_metrics is None or "cohort_ids" not in chunk_metrics:
+        return []
+    m = jax.device_get({k: chunk_metrics[k] for k in ("round", "active", "cohort_ids", "cohort_used")})
+    return [
+        {
+            "round": int(m["round"][i]),
+            "sampled": [int(c) for c in m["cohort_ids"][i]],
+            "reported": [int(c) for c, u in zip(m["cohort_ids"][i], m["cohort_used"][i]) if u],
+        }
+        for i in range(len(m["round"]))
+        if m["active"][i]
+    ]

@@ -10,6 +10,8 @@ The entry point parses flags into an :class:`ExperimentConfig` and calls
   task's aggregated update in that round, set by the ``--weighting`` method);
   rounds at the evaluation interval also carry ``test_loss`` and
   ``test_metric`` (held-out, after the round);
+* ``participants.jsonl`` (``--log_participants``, with ``--clients_per_round``):
+  per round the cohort's client ids (``sampled``) and those that reported;
 * ``summary.json``: the final metrics, each task's ``constant_baseline``
   (:func:`fgn_jax.baselines.constant_baseline`) and the wall time;
 * ``curves.png`` and ``tensorboard/`` (:mod:`fgn_jax.curves`).
@@ -48,6 +50,7 @@ from fgn_jax import (
     curves,
     models,
     optimizers,
+    sampling,
     sharding,
     simulate,
     weightings,
@@ -132,6 +135,12 @@ class ExperimentConfig:
     distance_range: str = "1,1"  # client distances drawn uniformly in [lo, hi] from --data_seed
     client_distances: str = ""  # explicit per-client distances, e.g. "1,1,3" (overrides --distance_range)
     channel_aware: bool = True  # ota/hota: GradNorm sees the channel gain (False: channel-unaware GradNorm)
+    # Partial participation (fgn_jax/sampling.py): K clients per round (0: all), how they are drawn,
+    # the probability that a sampled client fails to report, and participants.jsonl with the cohorts.
+    clients_per_round: int = 0
+    client_sampling: str = "uniform"
+    dropout_prob: float = 0.0
+    log_participants: bool = False
 
     def validate(self) -> None:
         """Raises ConfigError naming the first invalid flag."""
@@ -223,6 +232,23 @@ class ExperimentConfig:
             bad("num_devices", f"a multi-process run uses all {jax.device_count()} devices; pass 0")
         if self.num_devices > 1 and self.client_execution != "vmap":
             bad("num_devices", "sharding the clients over devices needs --client_execution=vmap")
+        if self.client_sampling not in sampling.SAMPLINGS:
+            bad("client_sampling", f"choose one of {', '.join(sampling.SAMPLINGS)}, got {self.client_sampling!r}")
+        if not 0 <= self.dropout_prob < 1:
+            bad("dropout_prob", f"must be in [0, 1), got {self.dropout_prob}")
+        if self.clients_per_round < 0:
+            bad("clients_per_round", f"must be >= 0 (0 means every client), got {self.clients_per_round}")
+        if self.clients_per_round:
+            num_clients = len(client_task_map(self))
+            if self.clients_per_round > num_clients:
+                bad("clients_per_round", f"{self.clients_per_round} is more than the {num_clients} clients")
+            if self.algorithm == "centralized":
+                bad("clients_per_round", "--algorithm=centralized trains on every client's data jointly; use 0")
+            if self.aggregation == "hota":
+                bad(
+                    "clients_per_round",
+                    "--aggregation=hota trains whole clusters; partial participation is not built for it",
+                )
         self._validate_channel(bad)
 
     def _validate_channel(self, bad) -> None:
@@ -428,6 +454,16 @@ FLAG_DOCS = {
     "client_distances": FlagDoc(
         "federation", "Explicit per-client distances, e.g. 1,1,3 (overrides --distance_range)."
     ),
+    "clients_per_round": FlagDoc("federation", "Partial participation: clients sampled per round K (0: all)."),
+    "client_sampling": FlagDoc(
+        "federation",
+        "uniform, or stratified (each task a share of the cohort proportional to its clients).",
+        sampling.SAMPLINGS,
+    ),
+    "dropout_prob": FlagDoc("federation", "Probability in [0, 1) that a sampled client fails to report."),
+    "log_participants": FlagDoc(
+        "output", "With --clients_per_round: write the cohort of every round to participants.jsonl."
+    ),
     "channel_aware": FlagDoc("federation", "ota/hota: GradNorm sees the channel gain (false: channel-unaware)."),
     # output
     "log_every": FlagDoc("output", "Rounds per progress line and per metrics.jsonl write (one compiled chunk)."),
@@ -557,6 +593,9 @@ def build_simulation(config: ExperimentConfig, dataset: pool_lib.FederatedDatase
         client_execution=config.client_execution,
         client_batch=config.client_batch or auto_client_batch(config.batch_size),
         standardize_targets=config.standardize_targets,
+        clients_per_round=config.clients_per_round,
+        client_sampling=config.client_sampling,
+        dropout_prob=config.dropout_prob,
     )
 
 
@@ -759,6 +798,13 @@ def train_and_evaluate(
     # The client axis is sharded over a device mesh (padded with masked
     # clients to split evenly); "loop" runs one client at a time, unsharded.
     mesh = sharding.make_mesh(config.num_devices) if config.client_execution == "vmap" else None
+    blocks = sharding.axis_size(mesh, sharding.CLIENT_AXIS)
+    if config.clients_per_round % blocks:
+        # Each device draws its share of the cohort from its own clients (fgn_jax/sampling.py).
+        raise ConfigError(
+            f"--clients_per_round: {config.clients_per_round} does not split over the {blocks} devices of the "
+            "client axis; use a multiple of them or --num_devices"
+        )
     sim = dataclasses.replace(build_simulation(config, dataset), mesh=mesh)
     task_names = dataset.task_names
     symbols = metric_symbols(dataset)
@@ -814,6 +860,9 @@ def train_and_evaluate(
         if is_writer
         else None
     )
+    log_participants = is_writer and config.log_participants and config.clients_per_round > 0
+    if log_participants:
+        workdir_lib.reset_metrics(workdir, done, workdir_lib.PARTICIPANTS)
     last_checkpoint = done
     checkpoint_s = []
     compile_s = None
@@ -835,6 +884,9 @@ def train_and_evaluate(
                 good = [r for r in chunk_rows if r["round"] < bad_round]
                 if is_writer:
                     workdir_lib.append_metrics(workdir, good)
+                if log_participants:
+                    cohorts = [r for r in simulate.participants_rows(chunk_metrics) if r["round"] < bad_round]
+                    workdir_lib.append_metrics(workdir, cohorts, workdir_lib.PARTICIPANTS)
                 last_good = max(ckpt.steps(), default=None)
                 kept = (
                     "no checkpoint was saved yet"
@@ -852,6 +904,8 @@ def train_and_evaluate(
             if is_writer:
                 workdir_lib.append_metrics(workdir, chunk_rows)
                 board.write(chunk_rows)
+            if log_participants:
+                workdir_lib.append_metrics(workdir, simulate.participants_rows(chunk_metrics), workdir_lib.PARTICIPANTS)
             rows.extend(chunk_rows)
             event("metrics", done)
             # Chunks end every log_every rounds: checkpoint at the first chunk end past each multiple.

@@ -26,11 +26,12 @@ import numpy as np
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
+PARTICIPANTS = "participants.jsonl"  # --log_participants: the cohort of every round
 SUMMARY = "summary.json"
 CHECKPOINTS = "checkpoints"
 CURVES = "curves.png"
 TENSORBOARD = "tensorboard"
-RUN_FILES = (CONFIG, METRICS, SUMMARY, CHECKPOINTS, "corrupt_checkpoints", CURVES, TENSORBOARD)
+RUN_FILES = (CONFIG, METRICS, PARTICIPANTS, SUMMARY, CHECKPOINTS, "corrupt_checkpoints", CURVES, TENSORBOARD)
 
 # Settings that may change between a run and its resumption: they do not
 # change any number the run produces.
@@ -203,9 +204,10 @@ def finished_summary(workdir: str, rounds: int) -> dict | None:
     return summary if isinstance(summary, dict) and summary.get("rounds", -1) >= rounds else None
 
 
-def read_metrics(workdir: str, before_round: int | None = None) -> list[dict]:
-    """Complete metric rows (optionally only rounds < before_round)."""
-    path = os.path.join(workdir, METRICS)
+def read_metrics(workdir: str, before_round: int | None = None, name: str = METRICS) -> list[dict]:
+    """Complete metric rows (optionally only rounds < before_round) of ``name`` (a per-round JSON-lines file)."""
+    path = os.path.join(workdir, name)
+
     rows = []
     if not os.path.exists(path):
         return rows
@@ -223,16 +225,16 @@ def read_metrics(workdir: str, before_round: int | None = None) -> list[dict]:
     return rows
 
 
-def reset_metrics(workdir: str, before_round: int) -> list[dict]:
-    """Keeps only rows of rounds < before_round in metrics.jsonl (atomically)."""
-    rows = read_metrics(workdir, before_round)
-    write_text_atomic(os.path.join(workdir, METRICS), "".join(json.dumps(r) + "\n" for r in rows))
+def reset_metrics(workdir: str, before_round: int, name: str = METRICS) -> list[dict]:
+    """Keeps only rows of rounds < before_round in ``name`` (metrics.jsonl; atomically)."""
+    rows = read_metrics(workdir, before_round, name)
+    write_text_atomic(os.path.join(workdir, name), "".join(json.dumps(r) + "\n" for r in rows))
     return rows
 
 
-def append_metrics(workdir: str, rows: Iterable[dict]) -> None:
-    """Appends rows and makes them durable before returning."""
-    with open(os.path.join(workdir, METRICS), "a") as f:
+def append_metrics(workdir: str, rows: Iterable[dict], name: str = METRICS) -> None:
+    """Appends rows to ``name`` (metrics.jsonl) and makes them durable before returning."""
+    with open(os.path.join(workdir, name), "a") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
         f.flush()
         os.fsync(f.fileno())

@@ -1,12 +1,17 @@
 """Shared fixtures: tiny populations that compile and run in seconds."""
 
 import dataclasses
+import os
 
 import jax
 import numpy as np
 import pytest
 
 from fgn_jax import simulate, training
+
+# The entry points' persistent compilation cache defaults to the user's home;
+# tests (and the entry points they run as subprocesses) leave it off.
+os.environ["FGN_JAX_COMPILATION_CACHE_DIR"] = ""
 
 TINY = dict(
     dataset="synthetic_radcom",

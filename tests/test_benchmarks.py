@@ -133,3 +133,30 @@ def test_channel_robustness_toy(tmp_path):
     assert setting["analysis"]["reference_snr_db"] == math.inf
     assert all(math.isfinite(t) and t > 0 for t in setting["analysis"]["target_relative_loss"])
     assert os.path.getsize(os.path.join(tmp_path, "channel_robustness.png")) > 1000
+
+
+def test_cohort_scaling_toy(tmp_path):
+    from benchmarks import cohort_scaling
+
+    rows = cohort_scaling.main(["--toy", "--cohorts=2", f"--workdir={tmp_path}"])
+    on_disk = common.read_jsonl(os.path.join(tmp_path, "cohort_scaling.jsonl"))
+    assert [r["record"] for r in on_disk] == [r["record"] for r in rows]
+    results = {(r["curve"], r["setup"], r["impl"]): r for r in rows if r["record"] == "result"}
+    assert set(results) == {
+        ("cohort", "radcom:8x4/K2", "vmap"),
+        ("cohort", "radcom:8x4/K2", "loop"),
+        ("cohort", "radcom:8x4/K2", "torch"),
+        ("population", "radcom:4x4", "vmap"),  # the reference: C = K, full participation
+        ("population", "radcom:40x4/K4", "vmap"),
+    }
+    vm, lp = results[("cohort", "radcom:8x4/K2", "vmap")], results[("cohort", "radcom:8x4/K2", "loop")]
+    for row in (vm, lp, *(r for (curve, _, _), r in results.items() if curve == "population")):
+        assert row["status"] == "ok" and _positive(row["seconds_per_round"]) and _positive(row["peak_rss_gib"])
+        assert row["client_updates_per_second"] == pytest.approx(row["cohort_k"] / row["seconds_per_round"])
+    # Both executions sample the same cohorts and run the same rounds.
+    np.testing.assert_allclose(vm["first_chunk_task_loss"], lp["first_chunk_task_loss"], rtol=1e-4, atol=1e-6)
+    targets = rows[-2]
+    assert targets["record"] == "targets" and targets["population"] == 40
+    pop = {r["num_clients"]: r for (curve, _, _), r in results.items() if curve == "population"}
+    assert targets["population_ratio"] == pytest.approx(pop[40]["seconds_per_round"] / pop[4]["seconds_per_round"])
+    assert os.path.getsize(os.path.join(tmp_path, "cohort_scaling.png")) > 0
