@@ -91,10 +91,10 @@ def run_seeds(base: training.ExperimentConfig, seeds: Sequence[int], runner: str
 
     ``runner``: ``"sweep"`` (the seeds as one vmapped program, fgn_jax.sweep)
     or ``"sequential"`` (one ``training.train_and_evaluate`` per seed). Both
-    write ``<workdir>/seed=<s>/metrics.jsonl``.
+    write ``<workdir>/seed<s>/metrics.jsonl`` (the sweep's folder names).
     """
     start = time.time()
-    dirs = [os.path.join(workdir, f"seed={s}") for s in seeds]
+    dirs = [os.path.join(workdir, f"seed{s}") for s in seeds]
     if runner == "sweep":
         sweep.run_sweep(base, {"seed": list(seeds)}, workdir, log=None)
     elif runner == "sequential":

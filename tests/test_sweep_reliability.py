@@ -136,7 +136,11 @@ def test_mask_freezes_the_diverged_configuration_and_the_others_run_as_alone(mas
     want = (single[0.5][2].server, single[0.5][2].clients)
     for a, b in zip(jax.tree.leaves(frozen), jax.tree.leaves(want)):
         assert np.isfinite(a).all()
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        # client_lr=0.5 blows the state up before it diverges, so the vmapped sweep's and the single
+        # run's float summation orders drift apart: up to 1.6e-2 relative in a few of 1e5 entries on
+        # a Xeon host (also at 8eb57ba; 1e-5 passed on the AMD host the test was written on). That
+        # it is frozen at round `bad` and finite is exact; the values are compared to that drift.
+        np.testing.assert_allclose(a, b, rtol=3e-2, atol=1e-5 * np.abs(b).max())
     np.testing.assert_allclose(diverged["final_task_weight"], single[0.5][0][bad - 1]["task_weight"], rtol=1e-6)
 
     table = list(csv.DictReader(open(path / "results.csv")))

@@ -65,7 +65,9 @@ def test_tau_head_zero_keeps_the_head():
     server, client = alg.init_server(jax.random.key(0)), alg.init_client(jax.random.key(1))
     spec = tasks_lib.TaskSpec("t", tasks_lib.REGRESSION, 1, tasks_lib.MSE)
     task = jax.tree.map(lambda a: a[0], tasks_lib.TaskArrays.for_clients([spec], [0]))
-    info = algorithms.ClientInfo(*(jnp.int32(v) for v in (0, 0)), task, *(jnp.int32(v) for v in (0, 4, 0, 4)), 1.0)
+    info = algorithms.ClientInfo(
+        *(jnp.int32(v) for v in (0, 0)), task, *(jnp.int32(v) for v in (0, 4, 0, 4)), 1.0, jnp.float32(1.0)
+    )
     data = algorithms.DeviceData(*(jax.random.normal(jax.random.key(k), s) for k, s in enumerate([(4, 3), (4, 1)] * 2)))
     new_client, out = alg.client_update(server.trunk, client, info, data, jax.random.key(2))
     jax.tree.map(np.testing.assert_array_equal, new_client.head, client.head)

@@ -88,7 +88,7 @@ def finished_run(tmp_path_factory):
         (("--workdir=W", "extra"), "error: unexpected arguments: extra (flags are --name=value)"),
         (
             ("--workdir=W", "--algorithm=fedavg"),
-            "error: --algorithm=fedavg: value should be one of <fedgradnorm|fedrep>",
+            "error: --algorithm=fedavg: value should be one of <fedgradnorm|fedrep|local|centralized>",
         ),
     ],
 )

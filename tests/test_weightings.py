@@ -337,7 +337,7 @@ def test_cli_bogus_weighting_exits_2_with_one_line(tmp_path):
 def test_sweep_grids_the_weighting_hyperparameters():
     configs = sweep.grid(tiny_config(weighting="dwa"), {"dwa_temperature": [1.0, 4.0], "cagrad_c": [], "seed": [0]})
     assert [c.dwa_temperature for c in configs] == [1.0, 4.0]
-    assert sweep.config_name(configs[1], sweep.varied(configs)) == "dwa_temperature=4,seed=0"
+    assert sweep.config_name(configs[1], sweep.varied(configs)) == "dwa_temperature4_seed0"
     keys, hparams = sweep.stacked_inputs(configs, None)
     np.testing.assert_array_equal(hparams.dwa_temperature, [1.0, 4.0])
     np.testing.assert_array_equal(hparams.cagrad_c, [0.5, 0.5])
