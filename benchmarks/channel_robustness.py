@@ -116,11 +116,11 @@ def table(settings: list[dict]) -> str:
                 n = len(s["seeds"])
                 reached = r["rounds_all_tasks"]["reached"][0]
                 metrics = " ".join(
-                    convergence._pm(r["final_test_metric"], i, ".3f") for i in range(len(s["task_names"]))
+                    convergence.plus_minus(r["final_test_metric"], i, ".3f") for i in range(len(s["task_names"]))
                 )
                 lines.append(
-                    f"{snr:>7g}{method:>9}{convergence._pm(r['rounds_all_tasks'], 0) + f' ({reached}/{n})':>22}"
-                    f"{convergence._pm(r['final_relative_loss'], 0, '.3f'):>18}  {metrics}"
+                    f"{snr:>7g}{method:>9}{convergence.plus_minus(r['rounds_all_tasks'], 0) + f' ({reached}/{n})':>22}"
+                    f"{convergence.plus_minus(r['final_relative_loss'], 0, '.3f'):>18}  {metrics}"
                 )
     return "\n".join(lines)
 
@@ -198,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                 base = dataclasses.replace(
                     base, aggregation="hota", power_control=power_control, distance_range=distance
                 )
-                task_names = [t.name for t in training._task_table(base)]
+                task_names = [t.name for t in training.task_table(base)]
                 runs = {}
                 for method, changes in METHODS.items():
                     config = dataclasses.replace(base, **changes)

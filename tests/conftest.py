@@ -12,6 +12,9 @@ from fgn_jax import simulate, training
 # The entry points' persistent compilation cache defaults to the user's home;
 # tests (and the entry points they run as subprocesses) leave it off.
 os.environ["FGN_JAX_COMPILATION_CACHE_DIR"] = ""
+# No persistent compilation cache in the test process at all (an XLA:CPU compile that also
+# writes a cache entry crashed once in a full-suite run).
+jax.config.update("jax_enable_compilation_cache", False)
 
 TINY = dict(
     dataset="synthetic_radcom",
