@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from fgn_jax import simulate, training
+from fgn_jax import simulate, sweep, training
 
 # The entry points' persistent compilation cache defaults to the user's home;
 # tests (and the entry points they run as subprocesses) leave it off.
@@ -72,3 +72,17 @@ def run_alone(setup: Setup):
             ev = setup.sim.evaluate(state, setup.env, setup.hparams)
             rows[-1].update({k: np.asarray(v).tolist() for k, v in ev.items()})
     return state, rows
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Frees every compiled program after each test module.
+
+    The whole suite in one process otherwise accumulates thousands of XLA:CPU
+    executables; two full-suite runs on the 2-core CI machine then segfaulted
+    inside an XLA compile late in the suite (each module alone passes).
+    """
+    yield
+    simulate.programs.cache_clear()
+    sweep.chunk_program.cache_clear()
+    jax.clear_caches()
