@@ -385,6 +385,7 @@ def build(config: AlgorithmConfig, hparams: HParams, input_shape: tuple[int, ...
         present = count > 0
         per_task = lambda v: member.T @ v / jnp.maximum(count, 1.0)  # noqa: E731
         task_loss, task_grad_norm = per_task(outputs.loss), per_task(outputs.grad_norm)
+        task_loss_min, task_loss_max = task_range(member, outputs.loss)
         # 5. This round's task weights (from this round's per-task updates for
         # the methods that need them), then the weighted aggregation.
         gram = None
@@ -416,6 +417,9 @@ def build(config: AlgorithmConfig, hparams: HParams, input_shape: tuple[int, ...
         new_weighting = weighting.update(server.weighting, stats)
         metrics = {
             "task_loss": task_loss,
+            # Per task, the smallest and largest loss over its used clients (the mean's range; curves.png).
+            "task_loss_min": task_loss_min,
+            "task_loss_max": task_loss_max,
             "grad_norm": task_grad_norm,
             "task_weight": weights,
             "participation": per_task(report.participation),
@@ -454,6 +458,15 @@ def build(config: AlgorithmConfig, hparams: HParams, input_shape: tuple[int, ...
         aggregator,
         hierarchical_update,
     )
+
+
+def task_range(member: jax.Array, values: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per task, the min and max of ``values`` [C] over the clients of ``member`` [C, T] (0, 0 for none)."""
+    v = values[:, None]
+    present = jnp.any(member > 0, axis=0)
+    low = jnp.min(jnp.where(member > 0, v, jnp.inf), axis=0)
+    high = jnp.max(jnp.where(member > 0, v, -jnp.inf), axis=0)
+    return jnp.where(present, low, 0.0), jnp.where(present, high, 0.0)
 
 
 def evaluate_client(alg: FederatedAlgorithm, trunk, head, info: ClientInfo, data: DeviceData, max_size: int):

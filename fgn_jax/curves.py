@@ -6,7 +6,10 @@ weight ``task_weight`` (p_k used in the round's aggregation) and, every
 ``eval_every`` rounds, the held-out ``test_metric``. The x axis is the row's
 ``round``: the 0-based index of the round (the progress lines count rounds
 *done*, i.e. ``round + 1``). The per-task values are already means over the
-task's clients (the round computes them so), so one line per task and run.
+task's clients (the round computes them so), so one line per task and run;
+where a task has several clients, a shaded band spans the lowest to the
+highest client (``task_loss_min`` / ``task_loss_max``, ``test_metric_min`` /
+``test_metric_max``; task weights are per task, so they have no band).
 
 * :func:`plot` draws runs side by side (one line style and marker per run,
   so coinciding curves stay visible): ``curves.png`` of a run, and
@@ -30,6 +33,8 @@ STYLES = ("-", "--", ":", "-.")
 MARKERS = ("o", "s", "^", "v", "D", "x", "+", "*")
 # A positive quantity whose max/min ratio is above this gets a log axis; narrower ranges read better linear.
 LOG_RANGE = 10.0
+# Rows may carry each quantity's range over a task's clients as ``<key>_min`` / ``<key>_max``.
+RANGE = ("min", "max")
 QUANTITIES = (("task_loss", "training loss L_k"), ("task_weight", "task weight p_k"), ("test_metric", "held-out"))
 
 
@@ -119,11 +124,15 @@ def plot(runs: Sequence[Run], path: str, title: str = "") -> None:
             x = np.array([r["round"] for r in rows])
             y = np.array([r[key] for r in rows], dtype=float)  # [rounds, T]
             every = max(1, len(x) // 12)  # about a dozen markers per curve
+            low, high = (np.array([r.get(f"{key}_{end}", r[key]) for r in rows], dtype=float) for end in RANGE)
             for k in range(min(t, y.shape[1])):
                 ax = axes[q, k]
                 label = run.label if (q, k) == (0, 0) else None
                 ax.plot(x, y[:, k], markevery=every, linewidth=1.2, label=label, **style)
                 seen.setdefault((q, k), []).append(y[:, k])
+                if np.any(high[:, k] > low[:, k]):  # several clients: the band from the lowest to the highest
+                    ax.fill_between(x, low[:, k], high[:, k], color=style["color"], alpha=0.15, linewidth=0)
+                    seen[(q, k)] += [low[:, k], high[:, k]]
     first = runs[0]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)

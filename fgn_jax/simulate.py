@@ -476,6 +476,8 @@ class Simulation:
         z = jnp.zeros((t,), jnp.float32)
         empty = {
             "task_loss": z,
+            "task_loss_min": z,
+            "task_loss_max": z,
             "grad_norm": z,
             "task_weight": z,
             "participants": z,
@@ -563,7 +565,13 @@ class Simulation:
         )
         member = jax.nn.one_hot(env.info.task_index, self.config.num_tasks) * env.info.mask[:, None]
         count = jnp.maximum(jnp.sum(member, axis=0), 1.0)
-        return {"test_loss": member.T @ loss / count, "test_metric": member.T @ metric / count}
+        low, high = algorithms.task_range(member, metric)
+        return {
+            "test_loss": member.T @ loss / count,
+            "test_metric": member.T @ metric / count,
+            "test_metric_min": low,  # per task, the range of the metric over its clients
+            "test_metric_max": high,
+        }
 
     def evaluate(self, state: SimState, env: Env, hparams: algorithms.HParams):
         """Held-out per-task loss and metric (means over each task's clients)."""
@@ -649,6 +657,8 @@ def metrics_rows(chunk_metrics) -> list[dict]:
             {
                 "round": int(m["round"][i]),
                 "task_loss": [float(v) for v in m["task_loss"][i]],
+                "task_loss_min": [float(v) for v in m["task_loss_min"][i]],
+                "task_loss_max": [float(v) for v in m["task_loss_max"][i]],
                 "grad_norm": [float(v) for v in m["grad_norm"][i]],
                 "task_weight": [float(v) for v in m["task_weight"][i]],
                 "participation": [float(v) for v in m["participation"][i]],

@@ -318,8 +318,9 @@ def run_sweep(
 
     Re-running the same sweep on the same ``workdir`` continues from the
     latest checkpoint; each ``metrics.jsonl`` is then identical to that of an
-    uninterrupted sweep. A workdir holding a different sweep is refused
-    unless ``overwrite``.
+    uninterrupted sweep; a finished sweep re-invoked returns its
+    ``results.json`` at once (no data, no compilation). A workdir holding a
+    different sweep is refused unless ``overwrite``.
 
     Args:
       base: settings shared by all configurations (``num_devices`` included).
@@ -369,6 +370,14 @@ def run_sweep(
     if writer and overwrite:
         _remove_sweep_files(workdir)
     resuming = workdir_lib.prepare_on_writer(workdir, settings, overwrite)  # the same on every process
+    if resuming:
+        finished = _finished_results(workdir, base.rounds)
+        if finished is not None:
+            say(
+                f"{workdir} already holds this sweep, finished after {base.rounds} rounds "
+                f"(results.json); nothing to do (a larger --rounds extends it)"
+            )
+            return finished
 
     dataset = training.build_dataset(base)
     task_names = dataset.task_names
@@ -556,6 +565,23 @@ def run_sweep(
         say(f"{len(diverged)} of {len(configs)} configurations diverged (masked): {', '.join(summary['diverged'])}")
     say(f"done in {summary['wall_time_s']:.1f} s; results in {os.path.join(workdir, 'results.csv')}")
     return results
+
+
+def _finished_results(workdir: str, rounds: int) -> list[dict] | None:
+    """``results.json`` of a sweep in ``workdir`` that has done at least ``rounds`` rounds, else None.
+
+    Process 0 decides from its ``summary.json`` (written after results.json)
+    and every process follows; each returns the results it can read (a
+    process without the shared file system gets an empty list).
+    """
+    if workdir_lib.finished_on_writer(workdir, rounds) is None:
+        return None
+    try:
+        with open(os.path.join(workdir, "results.json")) as f:
+            results = json.load(f)
+    except (OSError, ValueError):
+        return []
+    return results if isinstance(results, list) else []
 
 
 def _restored_divergence(workdir: str, names: Sequence[str], rounds, done: int) -> dict[int, tuple[int, str]]:

@@ -152,6 +152,31 @@ def test_mask_freezes_the_diverged_configuration_and_the_others_run_as_alone(mas
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_finished_sweep_reinvoked_says_so_without_data_or_compiling(masked, tmp_path, monkeypatch):
+    path, results, _ = masked
+    copy = tmp_path / "again"
+    shutil.copytree(path, copy)
+    before = run_files(copy)
+
+    class Built(Exception):
+        pass
+
+    def no_data(config):
+        raise Built
+
+    monkeypatch.setattr(training, "build_dataset", no_data)
+    log = Log()
+    again = sweep.run_sweep(BASE, GRID, str(copy), log=log, on_divergence="mask")
+    assert json.loads(json.dumps(again)) == json.loads(json.dumps(results))
+    assert "already holds this sweep, finished after 8 rounds" in log.text and "compiling" not in log.text
+    assert run_files(copy) == before
+    # More rounds extend it: that builds the data (here: the stand-in raises).
+    with pytest.raises(Built):
+        sweep.run_sweep(
+            dataclasses.replace(BASE, rounds=BASE.rounds + 2), GRID, str(copy), log=None, on_divergence="mask"
+        )
+
+
 def test_stop_names_the_configuration_keeps_good_rows_and_resumes_with_mask(masked, single, tmp_path):
     bad = single[0.5][1]
     kept = bad // BASE.checkpoint_every * BASE.checkpoint_every  # the last chunk end before the bad round

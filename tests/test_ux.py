@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from experiments import cli
-from fgn_jax import baselines, training, workdir
+from fgn_jax import algorithms, baselines, curves, training, workdir
 from fgn_jax.data import partition
-from tests.conftest import tiny_config
+from tests.conftest import make_setup, run_alone, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_FLAGS = (
@@ -223,6 +223,34 @@ def test_curves_png_and_tensorboard_events(finished_run):
     data = (path / "tensorboard" / events).read_bytes()
     for tag in (b"task_loss/modulation", b"task_weight/anomaly", b"test_metric/signal"):
         assert tag in data
+
+
+def test_task_range_is_the_min_and_max_over_each_tasks_used_clients():
+    # 5 clients of 3 tasks; client 4 did not report (mask 0), task 2 has nobody.
+    task, mask = np.array([0, 0, 1, 0, 1]), np.array([1.0, 1.0, 1.0, 1.0, 0.0])
+    values = np.array([0.5, 2.0, 7.0, -1.0, 100.0], np.float32)
+    member = np.eye(3, dtype=np.float32)[task] * mask[:, None]
+    low, high = algorithms.task_range(member, values)
+    np.testing.assert_array_equal(np.asarray(low), [-1.0, 7.0, 0.0])
+    np.testing.assert_array_equal(np.asarray(high), [2.0, 7.0, 0.0])
+
+
+def test_rows_carry_the_range_over_clients_and_curves_draw_it(tmp_path):
+    # Two clients per task: each task's mean lies in its range, and some range is not a point.
+    _, rows = run_alone(make_setup(num_clients=6, rounds=2, eval_every=2))
+    for row in rows:
+        for key in ("task_loss", *(["test_metric"] if "test_metric" in row else [])):
+            low, mean, high = (np.array(row[k]) for k in (f"{key}_min", key, f"{key}_max"))
+            assert np.all(low <= mean + 1e-6) and np.all(mean <= high + 1e-6), (key, low, mean, high)
+    assert any(np.any(np.array(r["task_loss_max"]) > np.array(r["task_loss_min"])) for r in rows)
+    assert "test_metric_min" in rows[-1]
+    # The band changes the picture; rows without the range keys draw the lines alone.
+    bare = [{k: v for k, v in r.items() if not k.endswith(("_min", "_max"))} for r in rows]
+    names, symbols = ["modulation", "signal", "anomaly"], ["acc↑"] * 3
+    with_band, without = tmp_path / "band.png", tmp_path / "bare.png"
+    curves.plot([curves.Run("a", names, symbols, rows)], str(with_band))
+    curves.plot([curves.Run("a", names, symbols, bare)], str(without))
+    assert with_band.read_bytes() != without.read_bytes()
 
 
 def test_output_files_are_readable_under_umask_022(finished_run):
