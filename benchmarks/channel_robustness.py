@@ -2,6 +2,7 @@
 
     python -m benchmarks.channel_robustness --workdir=/tmp/fgn_bench/channel     # the full grid (hours on 2 CPUs)
     python -m benchmarks.channel_robustness --toy --workdir=/tmp/fgn_bench/toy_channel   # CI smoke size
+    python -m benchmarks.channel_robustness --cost --workdir=/tmp/fgn_bench/channel      # s/round: ideal vs hota
 
 The paper's robustness claim (Mortaheb, Vahapoglu, Ulukus, Algorithms
 15(11):421, 2022): channel-aware weights stay ahead of static equal weights
@@ -153,6 +154,78 @@ def plot(settings: list[dict], path: str) -> None:
     plt.close(fig)
 
 
+COST_VARIANTS = {
+    "ideal": dict(aggregation="ideal"),
+    "ota": dict(aggregation="ota"),
+    "hota_E1": dict(aggregation="hota", cluster_rounds=1),
+    "hota_E2": dict(aggregation="hota", cluster_rounds=2),
+}
+
+
+def measure_cost(dataset: str, rounds_per_chunk: int, repeats: int) -> dict:
+    """Seconds per global round of the default experiment under each aggregation, side by side.
+
+    Every variant has the same clients (``num_clusters`` x tasks, hota's
+    default population) and the defaults otherwise; each compiles and runs
+    one chunk first, then the variants take turns, ``repeats`` chunks each
+    (interleaved, so a change of machine load hits all of them), and the
+    median chunk counts. hota's global round holds E = ``cluster_rounds``
+    rounds of local training, so ``per_local_round`` divides by E.
+    """
+    import time
+
+    import jax
+
+    default = training.ExperimentConfig(dataset=dataset, log_every=rounds_per_chunk)
+    clients = default.num_clusters * len(training.task_table(default))
+    runs = {}
+    for name, changes in COST_VARIANTS.items():
+        config = dataclasses.replace(default, num_clients=clients, rounds=10**6, **changes)
+        config.validate()
+        data = training.build_dataset(config)
+        sim = training.build_simulation(config, data)
+        env, hparams = sim.make_env(data), config.hparams()
+        state = sim.init(jax.random.key(0), env, hparams)
+        t0 = time.perf_counter()
+        state, m = sim.run_chunk(state, env, hparams, config.rounds)
+        jax.block_until_ready(m)
+        runs[name] = dict(sim=sim, env=env, hparams=hparams, state=state, first_chunk_s=time.perf_counter() - t0, s=[])
+    for _ in range(repeats):
+        for r in runs.values():
+            t0 = time.perf_counter()
+            r["state"], m = r["sim"].run_chunk(r["state"], r["env"], r["hparams"], 10**6)
+            jax.block_until_ready(m)
+            r["s"].append((time.perf_counter() - t0) / rounds_per_chunk)
+    ideal = float(np.median(runs["ideal"]["s"]))
+    out = {"record": "cost", "dataset": dataset, "num_clients": clients, "rounds_per_chunk": rounds_per_chunk}
+    out["load_1min"] = common.load_average()
+    for name, r in runs.items():
+        e = COST_VARIANTS[name].get("cluster_rounds", 1)
+        per_round = float(np.median(r["s"]))
+        out[name] = {
+            "s_per_round": per_round,
+            "ratio_to_ideal": per_round / ideal,
+            "local_rounds_per_round": e,
+            "ratio_per_local_round": per_round / ideal / e,
+            "first_chunk_s": r["first_chunk_s"],
+        }
+    return out
+
+
+def cost_table(rows: list[dict]) -> str:
+    lines = []
+    for row in rows:
+        lines.append(f"\n{row['dataset']}, {row['num_clients']} clients, median of chunks of {row['rounds_per_chunk']}")
+        lines.append(f"{'aggregation':<10}{'s/round':>10}{'x ideal':>9}{'E':>3}{'x ideal per local round':>25}")
+        for name in COST_VARIANTS:
+            v = row[name]
+            lines.append(
+                f"{name:<10}{v['s_per_round']:>10.4f}{v['ratio_to_ideal']:>9.2f}{v['local_rounds_per_round']:>3}"
+                f"{v['ratio_per_local_round']:>25.2f}"
+            )
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", default="/tmp/fgn_bench/channel")
@@ -172,6 +245,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=0)
     p.add_argument("--conv_impl", default="", help="'' keeps experiments/train.py's default")
     p.add_argument("--toy", action="store_true", help="CI smoke size: RadCom, tci, no path loss, 2 seeds, 4 rounds")
+    p.add_argument(
+        "--cost",
+        action="store_true",
+        help="instead of the grid: seconds per round of the default experiment, ideal vs ota vs hota (E=1, 2)",
+    )
+    p.add_argument("--cost_repeats", type=int, default=5, help="--cost: timed chunks per variant")
     return p
 
 
@@ -184,8 +263,15 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     snrs = [float(v) for v in args.snr_dbs.split(",")]
     seeds = list(range(args.seeds))
     os.makedirs(args.workdir, exist_ok=True)
-    out_path = os.path.join(args.workdir, "channel_robustness.jsonl")
     machine = {"record": "machine", **common.machine_info(), "argv": list(argv) if argv is not None else sys.argv[1:]}
+    if args.cost:
+        cost_path = os.path.join(args.workdir, "channel_cost.jsonl")
+        rows = [measure_cost(d, args.log_every, 1 if args.toy else args.cost_repeats) for d in args.datasets.split(",")]
+        open(cost_path, "w").close()
+        common.append_jsonl(cost_path, [machine, *rows])
+        print(cost_table(rows))
+        return [machine, *rows]
+    out_path = os.path.join(args.workdir, "channel_robustness.jsonl")
     open(out_path, "w").close()
     common.append_jsonl(out_path, [machine])
     settings = []

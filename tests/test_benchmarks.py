@@ -135,6 +135,22 @@ def test_channel_robustness_toy(tmp_path):
     assert os.path.getsize(os.path.join(tmp_path, "channel_robustness.png")) > 1000
 
 
+@pytest.mark.slow
+def test_channel_cost_side_by_side(tmp_path):
+    from benchmarks import channel_robustness
+
+    machine, row = channel_robustness.main(
+        ["--cost", "--toy", "--datasets=synthetic_radcom", "--log_every=2", f"--workdir={tmp_path}"]
+    )
+    assert common.read_jsonl(os.path.join(tmp_path, "channel_cost.jsonl")) == [machine, row]
+    assert row["num_clients"] == 6  # 2 clusters x 3 tasks, for every variant
+    assert row["ideal"]["ratio_to_ideal"] == 1.0
+    for name, e in (("ideal", 1), ("ota", 1), ("hota_E1", 1), ("hota_E2", 2)):
+        v = row[name]
+        assert v["s_per_round"] > 0 and v["local_rounds_per_round"] == e
+        assert v["ratio_per_local_round"] == pytest.approx(v["ratio_to_ideal"] / e)
+
+
 def test_cohort_scaling_toy(tmp_path):
     from benchmarks import cohort_scaling
 

@@ -21,11 +21,7 @@ CASES = [
     ("synthetic_mtfl", "fedgradnorm"),
     ("synthetic_mtfl", "fedrep"),
     ("synthetic_radcom", "fedgradnorm"),
-    # Known miss, kept visible: FedRep's anomaly accuracy is 0.925 at seed 0, 0.005 short of the
-    # majority class + 0.12 (benchmarks/README.md, "Defaults that learn").
-    pytest.param(
-        "synthetic_radcom", "fedrep", marks=pytest.mark.xfail(reason="anomaly 0.925 < 0.93 at seed 0", strict=False)
-    ),
+    ("synthetic_radcom", "fedrep"),
 ]
 
 
