@@ -372,7 +372,8 @@ def run_sweep(
     resuming = workdir_lib.prepare_on_writer(workdir, settings, overwrite)  # the same on every process
     if resuming:
         finished = _finished_results(workdir, base.rounds)
-        if finished is not None:
+        # In stop mode a configuration masked in an earlier run stops the sweep (below, from its checkpoint).
+        if finished is not None and not (on_divergence == "stop" and _has_masked(workdir)):
             say(
                 f"{workdir} already holds this sweep, finished after {base.rounds} rounds "
                 f"(results.json); nothing to do (a larger --rounds extends it)"
@@ -582,6 +583,15 @@ def _finished_results(workdir: str, rounds: int) -> list[dict] | None:
     except (OSError, ValueError):
         return []
     return results if isinstance(results, list) else []
+
+
+def _has_masked(workdir: str) -> bool:
+    """Whether ``divergence.json`` in ``workdir`` names a configuration frozen by ``on_divergence="mask"``."""
+    try:
+        with open(os.path.join(workdir, DIVERGENCE)) as f:
+            return bool(json.load(f))
+    except (OSError, ValueError):
+        return False
 
 
 def _restored_divergence(workdir: str, names: Sequence[str], rounds, done: int) -> dict[int, tuple[int, str]]:
