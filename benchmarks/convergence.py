@@ -1,28 +1,37 @@
 """Convergence: FedGradNorm against FedRep, rounds to a target loss per task.
 
-    python -m benchmarks.convergence --workdir=/tmp/fgn_bench/convergence
-    python -m benchmarks.convergence --mtfl_rounds=150 --radcom_rounds=300 --seeds=10   # a bigger run
+    python -m benchmarks.convergence --workdir=/tmp/fgn_bench/convergence           # 300 rounds, 5 seeds
+    python -m benchmarks.convergence --mtfl_rounds=500 --radcom_rounds=500 --seeds=10   # a bigger run
     python -m benchmarks.convergence --toy --workdir=/tmp/fgn_bench/toy_conv            # CI smoke size
 
 For each synthetic dataset (``synthetic_mtfl``, ``synthetic_radcom``), with
 balanced client data and with power-law imbalanced data (``--imbalance``),
-both algorithms train from the same seeds (every other setting is
-experiments/train.py's default). Seeds run as one vmapped program through
-:mod:`fgn_jax.sweep` (``--runner=sequential``: one
-``training.train_and_evaluate`` per seed instead).
+both algorithms train from the same seeds (the same data and initialisation
+per seed; every other setting is experiments/train.py's default, 300 rounds
+as there). Seeds run as one vmapped program through :mod:`fgn_jax.sweep`
+(``--runner=sequential``: one ``training.train_and_evaluate`` per seed
+instead); which runner produced the numbers is recorded.
+
+First, whether every task learns: per method, the seeds whose final held-out
+metric clears the constant predictor (``constant_baseline``) by the margin
+of the default-run check (accuracy +0.12, NME at most 0.6x), ``learns``.
 
 The measure, per task ``k``: the training loss ``L_k(t)`` of every round
 (measured on a fresh minibatch, step 3 of the round), smoothed by a trailing
 mean over ``--smooth`` rounds. FedRep's mean curve over seeds defines the
 target: ``L_k(0) - 0.9 (L_k(0) - L_k^FedRep(end))``, 90% of the loss
 reduction FedRep reaches by the last round (``L_k(0)``, the round-0 loss, is
-the same for both algorithms: their first round is identical). Reported per
-task and algorithm: rounds until the smoothed loss first reaches the target
-(mean and standard deviation over the seeds that reach it, and how many do),
-the ratio FedRep / FedGradNorm (above 1: FedGradNorm is faster), rounds until
-all tasks have reached it, and the final held-out metrics. Whichever way it
-comes out: FedGradNorm balances the tasks' relative progress, which need not
-make every task faster.
+the same for both algorithms: their first round is identical). A seed that
+never reaches the target within the round budget is right-censored and kept:
+per task and method the table gives how many seeds reach it and the median
+over all seeds (censored ones ranked last; ``>budget`` when half or more are
+censored), and the comparison is paired per seed: the ratio FedRep /
+FedGradNorm of rounds to target (above 1: FedGradNorm is faster), a censored
+seed counted at the budget (a bound that pulls the ratio towards 1), as a
+geometric mean with a paired-t 95% interval on the log ratio, and how many
+seeds FedGradNorm wins and loses; the same for the round by which all tasks
+reach their targets. Whichever way it comes out: FedGradNorm balances the
+tasks' relative progress, which need not make every task faster.
 
 Reference points (``--references``, default ``local,centralized``): the
 same seeds trained by each client alone (``--algorithm=local``) and on the
@@ -136,6 +145,85 @@ def _stats(values: np.ndarray) -> dict:
     return {"mean": as_list(mean), "std": as_list(np.sqrt(var)), "reached": [int(v) for v in np.atleast_1d(n)]}
 
 
+def censored_stats(r: np.ndarray, budget: int) -> dict:
+    """Rounds to target over seeds, keeping the seeds that never reach it (right-censored at ``budget``).
+
+    Args:
+      r: ``[S, K]`` rounds to target, NaN where a seed never reached it.
+      budget: the rounds run; a censored seed's round is known only to exceed it.
+
+    Returns:
+      Per task: ``reached`` (seeds that got there), ``median`` (the median over
+      all seeds with censored ones ranked last; None, shown as ``>budget``,
+      when half or more are censored) and ``mean_lower_bound`` (the mean of
+      ``min(round, budget)``: every censored seed counted at the budget, a
+      lower bound on the true mean).
+    """
+    s = r.shape[0]
+    ranked = np.sort(np.where(np.isfinite(r), r, np.inf), axis=0)
+    lo, hi = ranked[(s - 1) // 2], ranked[s // 2]  # the two middle seeds (the same one for odd S)
+    median = np.where(np.isfinite(hi), (lo + hi) / 2, np.nan)
+    bounded = np.where(np.isfinite(r), r, float(budget))
+    as_list = lambda a: [None if not math.isfinite(v) else float(v) for v in np.atleast_1d(a)]  # noqa: E731
+    return {
+        "reached": [int(v) for v in np.atleast_1d(np.isfinite(r).sum(axis=0))],
+        "median": as_list(median),
+        "mean_lower_bound": as_list(bounded.mean(axis=0)),
+        "budget": int(budget),
+    }
+
+
+def paired_ratio(slow: np.ndarray, fast: np.ndarray, budget: int) -> dict:
+    """Seed-paired ratio ``slow / fast`` of rounds to target, censored seeds counted at the budget.
+
+    Both methods of a seed share its data and initialisation, so the ratio is
+    taken per seed (``min(round, budget)`` for each method: a censored seed
+    enters at the budget, which pulls the ratio towards 1, never away from it)
+    and summarised by its geometric mean with a paired-t 95% interval on the
+    log ratio (``S - 1`` degrees of freedom; no interval for one seed).
+
+    Args:
+      slow, fast: ``[S, K]`` rounds to target of the two methods (NaN: never).
+      budget: the rounds run.
+
+    Returns:
+      Per task: ``geomean``, ``ci95`` (``[low, high]`` or None), ``per_seed``,
+      ``faster`` / ``slower`` (seeds where ``fast`` took fewer / more rounds)
+      and ``bound_per_seed``: ``"="`` when both reached the target (an exact
+      ratio), ``">="`` when only ``fast`` did (the true ratio is at least the
+      one shown), ``"<="`` when only ``slow`` did, ``"?"`` when neither did.
+    """
+    from scipy import stats  # a dependency of jax
+
+    a = np.where(np.isfinite(slow), slow, float(budget))
+    b = np.where(np.isfinite(fast), fast, float(budget))
+    log = np.log(a / b)
+    s = log.shape[0]
+    mean = log.mean(axis=0)
+    if s > 1:
+        half = stats.t.ppf(0.975, s - 1) * log.std(axis=0, ddof=1) / math.sqrt(s)
+        ci = [[float(np.exp(m - h)), float(np.exp(m + h))] for m, h in zip(mean, half)]
+    else:
+        ci = [None] * log.shape[1]
+    marks = np.select(
+        [np.isfinite(slow) & np.isfinite(fast), np.isfinite(fast), np.isfinite(slow)], ["=", ">=", "<="], "?"
+    )
+    return {
+        "geomean": [float(v) for v in np.exp(mean)],
+        "ci95": ci,
+        "per_seed": (a / b).tolist(),
+        "bound_per_seed": marks.tolist(),
+        "faster": [int(v) for v in (b < a).sum(axis=0)],
+        "slower": [int(v) for v in (b > a).sum(axis=0)],
+    }
+
+
+def all_tasks_rounds(r: np.ndarray) -> np.ndarray:
+    """``[S, 1]``: the round by which every task reached its target (NaN if any task never did)."""
+    done = np.isfinite(r).all(axis=1)
+    return np.where(done, np.nanmax(np.where(np.isfinite(r), r, -1), axis=1), np.nan)[:, None]
+
+
 def run_stats(runs: Runs, smoothed: np.ndarray, target: np.ndarray) -> dict:
     """One method's seeds: rounds to ``target`` per task and for all tasks, final metrics and weights.
 
@@ -145,12 +233,14 @@ def run_stats(runs: Runs, smoothed: np.ndarray, target: np.ndarray) -> dict:
       target: ``[K]`` target losses.
     """
     r = rounds_to_target(smoothed, target)
-    # All tasks at target: the last task's round (NaN if any task never gets there).
-    all_tasks = np.where(np.isfinite(r).all(axis=1), np.nanmax(np.where(np.isfinite(r), r, -1), axis=1), np.nan)
+    all_tasks = all_tasks_rounds(r)
+    budget = smoothed.shape[1]
     return {
         "rounds_to_target": _stats(r),
+        "rounds_to_target_censored": censored_stats(r, budget),
         "rounds_to_target_per_seed": [[None if not math.isfinite(v) else int(v) for v in row] for row in r],
-        "rounds_all_tasks": _stats(all_tasks[:, None]),
+        "rounds_all_tasks": _stats(all_tasks),
+        "rounds_all_tasks_censored": censored_stats(all_tasks, budget),
         "final_test_metric": _stats(runs.final_test_metric),
         "final_test_loss": _stats(runs.final_test_loss),
         "final_task_weight": runs.task_weight[:, -1, :].mean(axis=0).tolist(),
@@ -169,14 +259,17 @@ def analyse(rep: Runs, gn: Runs, window: int, fraction: float) -> dict:
     out["target_loss"] = target.tolist()
     per_alg = {"fedrep": run_stats(rep, rep_s, target), "fedgradnorm": run_stats(gn, gn_s, target)}
     out.update(per_alg)
-    rep_mean = np.array([np.nan if v is None else v for v in per_alg["fedrep"]["rounds_to_target"]["mean"]])
-    gn_mean = np.array([np.nan if v is None else v for v in per_alg["fedgradnorm"]["rounds_to_target"]["mean"]])
-    out["ratio_fedrep_over_fedgradnorm"] = [None if not math.isfinite(v) else float(v) for v in rep_mean / gn_mean]
-    rep_all, gn_all = (
-        per_alg["fedrep"]["rounds_all_tasks"]["mean"][0],
-        per_alg["fedgradnorm"]["rounds_all_tasks"]["mean"][0],
-    )
-    out["ratio_all_tasks"] = None if rep_all is None or gn_all is None else rep_all / gn_all
+    budget = rep_s.shape[1]
+    rep_r, gn_r = rounds_to_target(rep_s, target), rounds_to_target(gn_s, target)
+    # Paired over seeds, censored seeds kept at the budget (never a mean over the seeds that finished).
+    paired = paired_ratio(rep_r, gn_r, budget)
+    paired_all = paired_ratio(all_tasks_rounds(rep_r), all_tasks_rounds(gn_r), budget)
+    out["paired_ratio"] = paired
+    out["paired_ratio_all_tasks"] = {
+        k: [row[0] for row in v] if k in ("per_seed", "bound_per_seed") else v[0] for k, v in paired_all.items()
+    }
+    out["ratio_fedrep_over_fedgradnorm"] = paired["geomean"]
+    out["ratio_all_tasks"] = paired_all["geomean"][0]
     return out
 
 
@@ -210,37 +303,53 @@ def plus_minus(stats: dict, i: int, spec: str = ".1f") -> str:
     return text
 
 
+def censored_cell(stats: dict, i: int, seeds: int) -> str:
+    """``reached/S median`` of :func:`censored_stats` (``>budget`` when the median is censored)."""
+    median = stats["median"][i]
+    return f"{stats['reached'][i]}/{seeds} " + (f">{stats['budget']}" if median is None else f"{median:g}")
+
+
+def ratio_cell(paired: dict, i: int | None = None) -> str:
+    """``geomean [low, high]`` of :func:`paired_ratio` (entry ``i``, or the all-tasks summary)."""
+    pick = (lambda v: v) if i is None else (lambda v: v[i])  # noqa: E731
+    geomean, ci = pick(paired["geomean"]), pick(paired["ci95"])
+    return f"{geomean:.2f}" + ("" if ci is None else f" [{ci[0]:.2f},{ci[1]:.2f}]")
+
+
 def table(settings: list[dict]) -> str:
     pm = plus_minus
     lines = []
     for s in settings:
         a = s["analysis"]
+        n = len(s["seeds"])
         lines.append(
             f"\n{s['dataset']} {s['balance']} (imbalance {s['imbalance']}), {s['rounds']} rounds, "
-            f"{len(s['seeds'])} seeds, target = {s['fraction']:.0%} of FedRep's loss reduction"
+            f"{n} seeds, target = {s['fraction']:.0%} of FedRep's loss reduction; rounds: seeds reaching it and "
+            "their median (censored seeds ranked last); ratio FedRep/FedGN: paired geometric mean [95% CI]"
         )
         head = (
-            f"{'task':<12}{'target':>8}{'FedRep rounds':>16}{'FedGN rounds':>16}{'ratio':>7}"
-            f"{'FedRep test':>14}{'FedGN test':>14}{'FedGN p':>8}"
+            f"{'task':<12}{'target':>8}{'FedRep rnds':>14}{'FedGN rnds':>14}{'ratio [95% CI]':>20}{'GN +/-':>8}"
+            f"{'FedRep test':>14}{'FedGN test':>14}{'constant':>10}{'learns':>9}{'FedGN p':>8}"
         )
         lines += [head, "-" * len(head)]
-        n = len(s["seeds"])
-        rep, gn = a["fedrep"], a["fedgradnorm"]
+        rep, gn, paired = a["fedrep"], a["fedgradnorm"], a["paired_ratio"]
         for i, task in enumerate(a["task_names"]):
-            ratio = a["ratio_fedrep_over_fedgradnorm"][i]
-            rr, gr = rep["rounds_to_target"]["reached"][i], gn["rounds_to_target"]["reached"][i]
+            learns = a.get("learns", {})
             lines.append(
                 f"{task:<12}{a['target_loss'][i]:>8.3f}"
-                f"{pm(rep['rounds_to_target'], i) + f' ({rr}/{n})':>16}"
-                f"{pm(gn['rounds_to_target'], i) + f' ({gr}/{n})':>16}"
-                f"{'-' if ratio is None else format(ratio, '.2f'):>7}"
+                f"{censored_cell(rep['rounds_to_target_censored'], i, n):>14}"
+                f"{censored_cell(gn['rounds_to_target_censored'], i, n):>14}"
+                f"{ratio_cell(paired, i):>20}{str(paired['faster'][i]) + '/' + str(paired['slower'][i]):>8}"
                 f"{pm(rep['final_test_metric'], i, '.3f'):>14}{pm(gn['final_test_metric'], i, '.3f'):>14}"
+                f"{a['constant_baseline'][i] if 'constant_baseline' in a else float('nan'):>10.3f}"
+                f"{'/'.join(str(learns[m][i]) for m in ALGORITHMS) if learns else '-':>9}"
                 f"{gn['final_task_weight'][i]:>8.2f}"
             )
-        ratio = a["ratio_all_tasks"]
+        pa = a["paired_ratio_all_tasks"]
         lines.append(
-            f"{'all tasks':<12}{'':>8}{pm(rep['rounds_all_tasks'], 0):>16}{pm(gn['rounds_all_tasks'], 0):>16}"
-            f"{'-' if ratio is None else format(ratio, '.2f'):>7}"
+            f"{'all tasks':<12}{'':>8}{censored_cell(rep['rounds_all_tasks_censored'], 0, n):>14}"
+            f"{censored_cell(gn['rounds_all_tasks_censored'], 0, n):>14}{ratio_cell(pa):>20}"
+            f"{str(pa['faster']) + '/' + str(pa['slower']):>8}"
         )
         refs = a.get("references", {})
         if refs:
@@ -311,8 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--balances", default=",".join(BALANCES), help="balanced and/or imbalanced")
     p.add_argument("--imbalance", type=float, default=1.0, help="power-law exponent of the imbalanced setting")
     p.add_argument("--seeds", type=int, default=5)
-    p.add_argument("--mtfl_rounds", type=int, default=30)
-    p.add_argument("--radcom_rounds", type=int, default=80)
+    p.add_argument("--mtfl_rounds", type=int, default=300)
+    p.add_argument("--radcom_rounds", type=int, default=300)
     p.add_argument("--log_every", type=int, default=10, help="rounds per compiled chunk")
     p.add_argument("--smooth", type=int, default=5, help="trailing-mean window of the loss curves (rounds)")
     p.add_argument("--fraction", type=float, default=0.9, help="target: this fraction of FedRep's loss reduction")
@@ -368,6 +477,16 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             analysis = analyse(runs["fedrep"], runs["fedgradnorm"], args.smooth, args.fraction)
             analysis["references"] = {name: _stats(runs[name].final_test_metric) for name in references}
             metrics = [t.metric for t in training.task_table(config)]
+            # Every task must learn first: seeds whose final held-out metric clears the constant predictor
+            # by the issue-11 margin (accuracy +0.12, NME x0.6), per method.
+            analysis["constant_baseline"] = baselines.constant_baseline(training.build_dataset(config))
+            analysis["learns"] = {
+                name: [
+                    sum(baselines.beats(m, float(v), b) for v in runs[name].final_test_metric[:, k])
+                    for k, (m, b) in enumerate(zip(metrics, analysis["constant_baseline"]))
+                ]
+                for name in ALGORITHMS
+            }
             means = {name: np.mean(runs[name].final_test_metric, axis=0) for name in (*ALGORITHMS, *references)}
             analysis["ordering"] = ordering(means, metrics)
             setting = {

@@ -76,6 +76,34 @@ def test_smooth_and_rounds_to_target_hand_computed():
     assert r[0, 0] == 2 and np.isnan(r[0, 1])  # task 0 reaches 2.0 in round 2; task 1 never reaches 4.0
 
 
+def test_censored_rounds_keep_the_seeds_that_never_reach_the_target():
+    nan = float("nan")
+    r = np.array([[2.0, nan], [4.0, nan], [nan, 3.0]])  # 3 seeds, 2 tasks, budget 10
+    c = convergence.censored_stats(r, 10)
+    assert c["reached"] == [2, 1] and c["budget"] == 10
+    # Task 0: 2, 4, >10 -> median 4; task 1: 3, >10, >10 -> the median is censored.
+    assert c["median"] == [4.0, None]
+    np.testing.assert_allclose(c["mean_lower_bound"], [(2 + 4 + 10) / 3, (10 + 10 + 3) / 3])
+    even = convergence.censored_stats(np.array([[1.0, 1.0], [3.0, 3.0], [5.0, nan], [nan, nan]]), 8)
+    assert even["median"] == [4.0, None]  # (3 + 5) / 2; half censored: undefined
+
+
+def test_paired_ratio_hand_computed():
+    nan = float("nan")
+    slow, fast = np.array([[4.0], [6.0], [nan]]), np.array([[2.0], [nan], [5.0]])
+    p = convergence.paired_ratio(slow, fast, 10)
+    # Per seed, censored at the budget: 4/2, 6/10, 10/5.
+    np.testing.assert_allclose(np.array(p["per_seed"])[:, 0], [2.0, 0.6, 2.0])
+    assert p["bound_per_seed"] == [["="], ["<="], [">="]]
+    assert p["faster"] == [2] and p["slower"] == [1]
+    logs = np.log([2.0, 0.6, 2.0])
+    assert p["geomean"][0] == pytest.approx(np.exp(logs.mean()))
+    half = 4.302653 * logs.std(ddof=1) / np.sqrt(3)  # t(0.975, 2 dof)
+    np.testing.assert_allclose(p["ci95"][0], np.exp([logs.mean() - half, logs.mean() + half]), rtol=1e-5)
+    assert convergence.paired_ratio(slow[:1], fast[:1], 10)["ci95"] == [None]
+    np.testing.assert_array_equal(convergence.all_tasks_rounds(np.array([[3.0, 7.0], [2.0, nan]]))[:, 0], [7.0, nan])
+
+
 def test_convergence_toy(tmp_path):
     settings = convergence.main(["--toy", "--balances=balanced", f"--workdir={tmp_path}"])
     records = common.read_jsonl(os.path.join(tmp_path, "convergence.jsonl"))
@@ -102,6 +130,12 @@ def test_convergence_toy(tmp_path):
     assert set(a["references"]) == {"local", "centralized"}
     assert all(len(v["mean"]) == k and v["reached"] == [2] * k for v in a["references"].values())
     assert len(a["ordering"]) == k
+    # Censored seeds are kept: the paired ratio covers every seed, and the learning check every method.
+    assert len(a["paired_ratio"]["per_seed"]) == len(seeds) and len(a["paired_ratio_all_tasks"]["per_seed"]) == 2
+    for algorithm in convergence.ALGORITHMS:
+        assert a[algorithm]["rounds_to_target_censored"]["budget"] == rounds
+        assert all(0 <= n <= len(seeds) for n in a["learns"][algorithm])
+    assert len(a["constant_baseline"]) == k and all(0 < b < 1 for b in a["constant_baseline"])
 
 
 def test_ordering_verdict_hand_computed():
