@@ -445,6 +445,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     for b in balances:
         if b not in BALANCES:
             raise SystemExit(f"--balances: unknown {b!r}; choose from {','.join(BALANCES)}")
+    references = [r for r in args.references.split(",") if r]
+    for r in references:
+        if r not in REFERENCES:
+            raise SystemExit(f"--references: unknown {r!r}; choose from {','.join(REFERENCES)}")
     os.makedirs(args.workdir, exist_ok=True)
     out_path = os.path.join(args.workdir, "convergence.jsonl")
     machine = {"record": "machine", **common.machine_info(), "argv": list(argv) if argv is not None else sys.argv[1:]}
@@ -458,17 +462,16 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         for balance in balances:
             imbalance = args.imbalance if balance == "imbalanced" else 0.0
             runs = {}
+            # The setting's record (config, tasks, constant baseline) is the base config, not a reference's.
+            base = base_config(dataset, rounds, imbalance, args)
             for algorithm in ALGORITHMS:
-                config = dataclasses.replace(base_config(dataset, rounds, imbalance, args), algorithm=algorithm)
+                config = dataclasses.replace(base, algorithm=algorithm)
                 config.validate()
                 print(f"{dataset} {balance}: {algorithm}, {len(seeds)} seeds x {rounds} rounds ...", flush=True)
                 workdir = os.path.join(args.workdir, dataset, balance, algorithm)
                 runs[algorithm] = run_seeds(config, seeds, args.runner, workdir)
-            references = [r for r in args.references.split(",") if r]
             for algorithm in references:
-                if algorithm not in REFERENCES:
-                    raise SystemExit(f"--references: unknown {algorithm!r}; choose from {','.join(REFERENCES)}")
-                config = dataclasses.replace(base_config(dataset, rounds, imbalance, args), algorithm=algorithm)
+                config = dataclasses.replace(base, algorithm=algorithm)
                 print(f"{dataset} {balance}: reference {algorithm}, {len(seeds)} seeds ...", flush=True)
                 # Sequential: a reference's state differs from the methods' (local: a trunk per client).
                 runs[algorithm] = run_seeds(
@@ -476,10 +479,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                 )
             analysis = analyse(runs["fedrep"], runs["fedgradnorm"], args.smooth, args.fraction)
             analysis["references"] = {name: _stats(runs[name].final_test_metric) for name in references}
-            metrics = [t.metric for t in training.task_table(config)]
+            metrics = [t.metric for t in training.task_table(base)]
             # Every task must learn first: seeds whose final held-out metric clears the constant predictor
             # by the issue-11 margin (accuracy +0.12, NME x0.6), per method.
-            analysis["constant_baseline"] = baselines.constant_baseline(training.build_dataset(config))
+            analysis["constant_baseline"] = baselines.constant_baseline(training.build_dataset(base))
             analysis["learns"] = {
                 name: [
                     sum(baselines.beats(m, float(v), b) for v in runs[name].final_test_metric[:, k])
@@ -498,7 +501,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                 "seeds": seeds,
                 "smooth": args.smooth,
                 "fraction": args.fraction,
-                "config": dataclasses.asdict(config),
+                "config": dataclasses.asdict(base),
                 "load_1min": common.load_average(),
                 "analysis": analysis,
             }
