@@ -210,3 +210,36 @@ def test_cohort_scaling_toy(tmp_path):
     pop = {r["num_clients"]: r for (curve, _, _), r in results.items() if curve == "population"}
     assert targets["population_ratio"] == pytest.approx(pop[40]["seconds_per_round"] / pop[4]["seconds_per_round"])
     assert os.path.getsize(os.path.join(tmp_path, "cohort_scaling.png")) > 0
+
+
+def test_sensitivity_toy(tmp_path):
+    from benchmarks import sensitivity
+
+    settings = sensitivity.main(["--toy", "--balances=balanced", f"--workdir={tmp_path}"])
+    records = common.read_jsonl(os.path.join(tmp_path, "sensitivity.jsonl"))
+    assert [r["record"] for r in records] == ["machine", "setting"]
+    (setting,) = settings
+    assert json.loads(json.dumps(setting)) == records[1]
+    cells = {(c["alpha"], c["weight_lr"]): c for c in setting["cells"]}
+    assert set(cells) == {(0.0, 0.0), (0.0, 0.2), (1.5, 0.0), (1.5, 0.2)}
+    k = len(setting["task_names"])
+    for (_alpha, lr), c in cells.items():
+        assert len(c["ratio_per_task"]) == k and _positive(c["ratio_all_tasks"])
+        assert c["faster_all_tasks"] + c["slower_all_tasks"] <= 2
+        assert c["slowest_task_ratio"] == pytest.approx(min(c["ratio_per_task"]))
+        assert sum(c["final_task_weight"]) == pytest.approx(k, rel=1e-4)
+        if lr == 0.0:
+            # A weight lr of 0 keeps GradNorm's weights at 1: FedRep itself, so every paired ratio is 1.
+            assert c["final_task_weight"] == pytest.approx([1.0] * k)
+            assert c["ratio_all_tasks"] == pytest.approx(1.0) and c["ratio_per_task"] == pytest.approx([1.0] * k)
+            np.testing.assert_allclose(c["final_test_metric"], setting["fedrep_final_test_metric"], atol=1e-6)
+    assert any(c["final_task_weight"] != pytest.approx([1.0] * k) for c in cells.values())  # lr 0.2 moves them
+    assert os.path.getsize(os.path.join(tmp_path, "sensitivity_synthetic_radcom_balanced.png")) > 0
+    # Bad input: one line naming the flag, before anything runs or is overwritten.
+    with pytest.raises(SystemExit, match="--balances: unknown 'even'"):
+        sensitivity.main(["--toy", "--balances=even", f"--workdir={tmp_path}"])
+    with pytest.raises(SystemExit, match="--alphas: expected .* got '0,x'"):
+        sensitivity.main(["--alphas=0,x", f"--workdir={tmp_path}"])
+    with pytest.raises(SystemExit, match="--weight_lrs: expected .* >= 0"):
+        sensitivity.main(["--weight_lrs=-1", f"--workdir={tmp_path}"])
+    assert common.read_jsonl(os.path.join(tmp_path, "sensitivity.jsonl")) == records
