@@ -111,10 +111,15 @@ def run_seeds(base: training.ExperimentConfig, seeds: Sequence[int], runner: str
             training.train_and_evaluate(dataclasses.replace(base, seed=s), d, log=None)
     else:
         raise ValueError(f"unknown runner {runner!r}")
-    loss, weight, metric, test_loss = _read_curves(dirs)
-    with open(os.path.join(dirs[0], "config.json")) as f:
+    return read_runs(dirs, runner, time.time() - start)
+
+
+def read_runs(run_dirs: Sequence[str], runner: str, wall_s: float) -> Runs:
+    """The curves of the runs in ``run_dirs`` (one per seed, each with ``metrics.jsonl`` and ``config.json``)."""
+    loss, weight, metric, test_loss = _read_curves(run_dirs)
+    with open(os.path.join(run_dirs[0], "config.json")) as f:
         task_names = json.load(f)["task_names"]
-    return Runs(loss, weight, metric, test_loss, task_names, runner, time.time() - start)
+    return Runs(loss, weight, metric, test_loss, task_names, runner, wall_s)
 
 
 def smooth(curves: np.ndarray, window: int) -> np.ndarray:
