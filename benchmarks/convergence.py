@@ -409,7 +409,8 @@ def base_config(dataset: str, rounds: int, imbalance: float, args: argparse.Name
     log_every = min(args.log_every, rounds)
     eval_every = log_every * math.ceil(rounds / log_every)  # evaluate at the end only
     changes = dict(dataset=dataset, rounds=rounds, imbalance=imbalance, log_every=log_every, eval_every=eval_every)
-    changes["checkpoint_every"] = eval_every
+    # Checkpoints every 100 rounds or so: a killed benchmark resumes (the same command), not restarts.
+    changes["checkpoint_every"] = min(eval_every, log_every * max(1, 100 // log_every))
     if args.conv_impl:
         changes["conv_impl"] = args.conv_impl
     for name in ("examples_per_client", "test_examples_per_client", "batch_size"):

@@ -603,7 +603,8 @@ def programs(sim: Simulation, sweep: bool = False) -> Programs:
         every process can read them).
       sweep: vmap every program over a leading configuration axis of the
         key, state and hyperparameters (the environment and ``stop_round``
-        are shared). Each leaf of ``hparams`` and the key then has shape
+        are shared). Evaluation maps over the configurations one at a time
+        (``lax.map``: the memory of one run) unless that axis is sharded. Each leaf of ``hparams`` and the key then has shape
         ``[S]``; metrics come back as ``[S, chunk, ...]``.
 
     Returns:
@@ -618,7 +619,12 @@ def programs(sim: Simulation, sweep: bool = False) -> Programs:
         spmd = sharding.SWEEP_AXIS if sim.mesh is not None and sharding.SWEEP_AXIS in sim.mesh.axis_names else None
         init = jax.vmap(init, in_axes=(0, None, 0), spmd_axis_name=spmd)
         run_chunk = jax.vmap(run_chunk, in_axes=(0, None, 0, None), spmd_axis_name=spmd)
-        evaluate = jax.vmap(evaluate, in_axes=(0, None, 0), spmd_axis_name=spmd)
+        if spmd is not None and sim.mesh.shape[spmd] > 1:
+            evaluate = jax.vmap(evaluate, in_axes=(0, None, 0), spmd_axis_name=spmd)
+        else:
+            # One configuration at a time: evaluation holds the whole held-out set's activations, and
+            # vmapped over a large grid (36 MTFL configurations: 38 GB) it outgrew the host's memory.
+            evaluate = _map_configurations(evaluate)
     if sim.mesh is None:
         return Programs(jax.jit(init), jax.jit(run_chunk, donate_argnums=0), jax.jit(evaluate))
     b = int(sweep)
@@ -637,6 +643,14 @@ def programs(sim: Simulation, sweep: bool = False) -> Programs:
         ),
         evaluate=jax.jit(evaluate, in_shardings=(state, env, per_run), out_shardings=everywhere),
     )
+
+
+def _map_configurations(evaluate):
+    # evaluate(state, env, hparams) over the leading configuration axis of state and hparams, sequentially.
+    def mapped(state, env, hparams):
+        return jax.lax.map(lambda x: evaluate(x[0], env, x[1]), (state, hparams))
+
+    return mapped
 
 
 _jit_client = jax.jit(Simulation._one_client, static_argnums=0)
