@@ -604,8 +604,9 @@ def programs(sim: Simulation, sweep: bool = False) -> Programs:
       sweep: vmap every program over a leading configuration axis of the
         key, state and hyperparameters (the environment and ``stop_round``
         are shared). Evaluation maps over the configurations one at a time
-        (``lax.map``: the memory of one run) unless that axis is sharded. Each leaf of ``hparams`` and the key then has shape
-        ``[S]``; metrics come back as ``[S, chunk, ...]``.
+        (``lax.map``: the memory of one run) unless that axis is sharded.
+        Each leaf of ``hparams`` and the key then has shape ``[S]``; metrics
+        come back as ``[S, chunk, ...]``.
 
     Returns:
       :class:`Programs`. They trace once per Simulation and shapes; later
