@@ -229,7 +229,7 @@ def cost_table(rows: list[dict]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", default="/tmp/fgn_bench/channel")
-    p.add_argument("--datasets", default=",".join(DATASETS))
+    convergence.add_data_flags(p, DATASETS)
     p.add_argument("--power_controls", default=",".join(POWER_CONTROLS))
     p.add_argument("--path_losses", default=",".join(PATH_LOSSES))
     p.add_argument("--far_range", default="1,3", help="client distances of path_loss=far (exponent 2)")
@@ -257,16 +257,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     args = build_parser().parse_args(argv)
     if args.toy:
-        args.datasets, args.power_controls, args.path_losses, args.snr_dbs = "synthetic_radcom", "tci", "none", "0,inf"
+        args.datasets = args.datasets or "synthetic_radcom"
+        args.power_controls, args.path_losses, args.snr_dbs = "tci", "none", "0,inf"
         args.seeds, args.radcom_rounds, args.log_every, args.smooth = 2, 4, 2, 2
         args.examples_per_client, args.test_examples_per_client, args.batch_size = 32, 16, 8
+    datasets = convergence.datasets_of(args, DATASETS)
     snrs = [float(v) for v in args.snr_dbs.split(",")]
     seeds = list(range(args.seeds))
     os.makedirs(args.workdir, exist_ok=True)
     machine = {"record": "machine", **common.machine_info(), "argv": list(argv) if argv is not None else sys.argv[1:]}
     if args.cost:
+        if any(d in convergence.REAL_DATA for d in datasets):
+            raise SystemExit("--cost: times the synthetic datasets only (the real ones add only load time)")
         cost_path = os.path.join(args.workdir, "channel_cost.jsonl")
-        rows = [measure_cost(d, args.log_every, 1 if args.toy else args.cost_repeats) for d in args.datasets.split(",")]
+        rows = [measure_cost(d, args.log_every, 1 if args.toy else args.cost_repeats) for d in datasets]
         open(cost_path, "w").close()
         common.append_jsonl(cost_path, [machine, *rows])
         print(cost_table(rows))
@@ -275,7 +279,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     open(out_path, "w").close()
     common.append_jsonl(out_path, [machine])
     settings = []
-    for dataset in args.datasets.split(","):
+    for dataset in datasets:
         rounds = args.mtfl_rounds if "mtfl" in dataset else args.radcom_rounds
         for power_control in args.power_controls.split(","):
             for path_loss in args.path_losses.split(","):

@@ -3,6 +3,14 @@
     python -m benchmarks.convergence --workdir=/tmp/fgn_bench/convergence           # 300 rounds, 5 seeds
     python -m benchmarks.convergence --mtfl_rounds=500 --radcom_rounds=500 --seeds=10   # a bigger run
     python -m benchmarks.convergence --toy --workdir=/tmp/fgn_bench/toy_conv            # CI smoke size
+    python -m benchmarks.convergence --dataset=mtfl --data_dir=/path/to/MTFL            # the real faces
+
+Real data: ``--dataset=mtfl`` or ``--dataset=radcom_dynamic`` with
+``--data_dir`` (and ``--build_dir``, where the TFDS build goes) runs the same
+benchmark on the real files, with their flagfiles' data settings
+(``REAL_DATA``: one client per task, each seeing the whole training set);
+every benchmark built on :func:`base_config` (sensitivity, weighting,
+channel_robustness) takes the same three flags.
 
 For each synthetic dataset (``synthetic_mtfl``, ``synthetic_radcom``), with
 balanced client data and with power-law imbalanced data (``--imbalance``),
@@ -68,6 +76,14 @@ REFERENCES = ("local", "centralized")
 ORDER = ("local", "fedrep", "fedgradnorm", "centralized")
 BALANCES = ("balanced", "imbalanced")
 DATASETS = ("synthetic_mtfl", "synthetic_radcom")
+# The real datasets' data settings, as in their flagfiles (experiments/flags/<dataset>.flags): one client per
+# task, every client sees the whole training set with its own task's labels. Flags given explicitly win.
+REAL_DATA = {
+    "mtfl": dict(overlap="across_tasks", examples_per_client=10000, test_examples_per_client=2995),
+    "radcom_dynamic": dict(
+        overlap="across_tasks", examples_per_client=20000, test_examples_per_client=5000, anomaly_snr_db=10.0
+    ),
+}
 
 
 @dataclasses.dataclass
@@ -409,6 +425,8 @@ def base_config(dataset: str, rounds: int, imbalance: float, args: argparse.Name
     log_every = min(args.log_every, rounds)
     eval_every = log_every * math.ceil(rounds / log_every)  # evaluate at the end only
     changes = dict(dataset=dataset, rounds=rounds, imbalance=imbalance, log_every=log_every, eval_every=eval_every)
+    if dataset in REAL_DATA:
+        changes.update(REAL_DATA[dataset], data_dir=args.data_dir, build_dir=args.build_dir)
     # Checkpoints every 100 rounds or so: a killed benchmark resumes (the same command), not restarts.
     changes["checkpoint_every"] = min(eval_every, log_every * max(1, 100 // log_every))
     if args.conv_impl:
@@ -419,10 +437,39 @@ def base_config(dataset: str, rounds: int, imbalance: float, args: argparse.Name
     return dataclasses.replace(default, **changes)
 
 
+def add_data_flags(p: argparse.ArgumentParser, default: Sequence[str]) -> None:
+    """``--datasets`` (alias ``--dataset``), ``--data_dir`` and ``--build_dir``, as every benchmark takes them."""
+    p.add_argument(
+        "--datasets",
+        "--dataset",
+        dest="datasets",
+        default=None,
+        help=f"comma-separated, from {', '.join(training.DATASETS)} (default {','.join(default)}); "
+        "mtfl and radcom_dynamic read --data_dir",
+    )
+    p.add_argument("--data_dir", default="", help="real datasets: the folder with MTFL.zip or RadComDynamic.hdf5")
+    p.add_argument("--build_dir", default="", help="real datasets: where the TFDS build goes")
+
+
+def datasets_of(args: argparse.Namespace, default: Sequence[str]) -> list[str]:
+    """The datasets ``--datasets`` names (``default`` when not given), checked before anything runs."""
+    datasets = [d for d in (args.datasets or ",".join(default)).split(",") if d]
+    if not datasets:
+        raise SystemExit("--datasets: expected at least one dataset")
+    for d in datasets:
+        if d not in training.DATASETS:
+            raise SystemExit(f"--datasets: unknown dataset {d!r}; choose from {','.join(training.DATASETS)}")
+        if d in REAL_DATA and not args.data_dir:
+            raise SystemExit(f"--data_dir: dataset {d!r} reads its files from --data_dir (README: real datasets)")
+    if args.data_dir and not os.path.isdir(args.data_dir):
+        raise SystemExit(f"--data_dir: {args.data_dir!r} is not a directory")
+    return datasets
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", default="/tmp/fgn_bench/convergence")
-    p.add_argument("--datasets", default=",".join(DATASETS))
+    add_data_flags(p, DATASETS)
     p.add_argument("--balances", default=",".join(BALANCES), help="balanced and/or imbalanced")
     p.add_argument("--imbalance", type=float, default=1.0, help="power-law exponent of the imbalanced setting")
     p.add_argument("--seeds", type=int, default=5)
@@ -444,9 +491,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     args = build_parser().parse_args(argv)
     if args.toy:
-        args.datasets, args.seeds, args.radcom_rounds, args.log_every, args.smooth = "synthetic_radcom", 2, 4, 2, 2
+        args.datasets = args.datasets or "synthetic_radcom"
+        args.seeds, args.radcom_rounds, args.mtfl_rounds, args.log_every, args.smooth = 2, 4, 4, 2, 2
         args.examples_per_client, args.test_examples_per_client, args.batch_size = 48, 16, 8
-    datasets = [d for d in args.datasets.split(",") if d]
+    datasets = datasets_of(args, DATASETS)
     balances = [b for b in args.balances.split(",") if b]
     for b in balances:
         if b not in BALANCES:

@@ -182,7 +182,7 @@ def plot(setting: dict, path: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", default="/tmp/fgn_bench/sensitivity")
-    p.add_argument("--datasets", default=",".join(DATASETS), help="synthetic_radcom and/or synthetic_mtfl")
+    convergence.add_data_flags(p, DATASETS)
     p.add_argument("--balances", default=",".join(convergence.BALANCES), help="balanced and/or imbalanced")
     p.add_argument("--imbalance", type=float, default=1.0, help="power-law exponent of the imbalanced setting")
     p.add_argument("--alphas", default="0,0.5,1,1.5,2,3")
@@ -203,14 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     args = build_parser().parse_args(argv)
     if args.toy:
-        args.datasets, args.seeds, args.rounds, args.log_every, args.smooth = "synthetic_radcom", 2, 4, 2, 2
+        args.datasets = args.datasets or "synthetic_radcom"
+        args.seeds, args.rounds, args.log_every, args.smooth = 2, 4, 2, 2
         args.alphas, args.weight_lrs = "0,1.5", "0,0.2"
         args.examples_per_client, args.test_examples_per_client, args.batch_size = 48, 16, 8
     alphas, weight_lrs = _floats("alphas", args.alphas), _floats("weight_lrs", args.weight_lrs)
-    datasets = [d for d in args.datasets.split(",") if d]
-    for d in datasets:
-        if d not in convergence.DATASETS:
-            raise SystemExit(f"--datasets: unknown {d!r}; choose from {','.join(convergence.DATASETS)}")
+    datasets = convergence.datasets_of(args, DATASETS)
     balances = [b for b in args.balances.split(",") if b]
     for b in balances:
         if b not in convergence.BALANCES:

@@ -124,8 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     args = build_parser().parse_args(argv)
     if args.toy:
-        args.datasets, args.seeds, args.radcom_rounds, args.log_every, args.smooth = "synthetic_radcom", 2, 4, 2, 2
+        args.datasets = args.datasets or "synthetic_radcom"
+        args.seeds, args.radcom_rounds, args.mtfl_rounds, args.log_every, args.smooth = 2, 4, 4, 2, 2
         args.examples_per_client, args.test_examples_per_client, args.batch_size = 48, 16, 8
+    datasets = convergence.datasets_of(args, convergence.DATASETS)
     methods = [m for m in args.methods.split(",") if m]
     for m in methods:
         if m not in weightings.WEIGHTINGS:
@@ -142,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     print(f"{machine['cpu']}, {machine['cores']} cores, load {machine['load_1min']}, jax {machine['jax_version']}")
     seeds = list(range(args.seeds))
     settings = []
-    for dataset in [d for d in args.datasets.split(",") if d]:
+    for dataset in datasets:
         rounds = args.mtfl_rounds if "mtfl" in dataset else args.radcom_rounds
         for balance in balances:
             imbalance = args.imbalance if balance == "imbalanced" else 0.0

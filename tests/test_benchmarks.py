@@ -243,3 +243,60 @@ def test_sensitivity_toy(tmp_path):
     with pytest.raises(SystemExit, match="--weight_lrs: expected .* >= 0"):
         sensitivity.main(["--weight_lrs=-1", f"--workdir={tmp_path}"])
     assert common.read_jsonl(os.path.join(tmp_path, "sensitivity.jsonl")) == records
+
+
+def _flagfile(name: str) -> dict[str, str]:
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "flags", name)
+    flags = {}
+    for line in open(path):
+        if line.startswith("--") and "=" in line:
+            key, value = line[2:].strip().split("=", 1)
+            flags[key] = value
+    return flags
+
+
+@pytest.mark.parametrize("dataset", sorted(convergence.REAL_DATA))
+def test_real_data_settings_are_the_flagfiles(dataset):
+    flags = _flagfile(f"{dataset}.flags")
+    assert flags["dataset"] == dataset
+    for key, value in convergence.REAL_DATA[dataset].items():
+        assert type(value)(flags[key]) == value, key
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--dataset=mtfl"], "--data_dir: dataset 'mtfl'"),
+        (["--dataset=radcom_dynamic"], "--data_dir: dataset 'radcom_dynamic'"),
+        (["--datasets=synthetic_radcom,bogus"], "--datasets: unknown dataset 'bogus'"),
+        (["--dataset=mtfl", "--data_dir=/nonexistent/MTFL"], "--data_dir: '/nonexistent/MTFL' is not a directory"),
+    ],
+)
+def test_benchmarks_check_the_dataset_flags_first(tmp_path, argv, message):
+    from benchmarks import channel_robustness, sensitivity, weighting
+
+    for module in (convergence, sensitivity, weighting, channel_robustness):
+        workdir = tmp_path / module.__name__
+        with pytest.raises(SystemExit, match=message):
+            module.main([*argv, f"--workdir={workdir}"])
+        assert not workdir.exists()  # refused before anything is written
+
+
+@pytest.mark.slow
+def test_convergence_on_real_format_radcom(tmp_path):
+    from tests import data_fixtures
+
+    raw = tmp_path / "raw"
+    data_fixtures.write_radcom(str(raw / "RadComDynamic.hdf5"), per_snr=3)
+    before = data_fixtures.tree_digest(str(raw))
+    argv = ["--toy", "--dataset=radcom_dynamic", f"--data_dir={raw}", f"--build_dir={tmp_path / 'tfds'}"]
+    (setting,) = convergence.main([*argv, "--balances=balanced", "--references=", f"--workdir={tmp_path / 'out'}"])
+    assert setting["dataset"] == "radcom_dynamic"
+    config = setting["config"]
+    assert config["data_dir"] == str(raw) and config["overlap"] == "across_tasks"
+    assert config["examples_per_client"] == 48  # the explicit (toy) size wins over the flagfile's
+    a = setting["analysis"]
+    assert a["task_names"] == ["modulation", "signal", "anomaly"]
+    assert len(a["constant_baseline"]) == 3 and all(0 < b <= 1 for b in a["constant_baseline"])
+    assert len(a["paired_ratio_all_tasks"]["per_seed"]) == 2
+    assert data_fixtures.tree_digest(str(raw)) == before
