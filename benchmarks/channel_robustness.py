@@ -22,9 +22,15 @@ configurations are masked, not fatal). The measure per task: the training
 loss relative to round 0, smoothed by a trailing mean over ``--smooth``
 rounds; the target is ``--fraction`` of the loss reduction that equal
 weights reach at SNR = inf by the last round. Reported per setting, method
-and SNR: rounds until every task reached its target (mean ± std over seeds
-that do, and how many), the final mean relative train loss and the final
-per-task test metrics (mean ± std over seeds). Output in ``--workdir``: a
+and SNR: rounds until every task reached its target, censored seeds kept
+(how many of the seeds get there and the median over all of them, as in
+:mod:`benchmarks.convergence`), the final mean relative train loss and the
+final per-task test metrics (mean ± std over seeds); and for the two
+FedGradNorm variants, paired per seed against equal weights at the same SNR
+(the same data, initialisation and channel draws): the ratio of all-task
+rounds (above 1: faster than equal, a censored seed counted at the budget;
+geometric mean, paired-t 95% interval) and the drop in final relative loss
+(above 0: lower than equal). Output in ``--workdir``: a
 table on the terminal, ``channel_robustness.jsonl`` (one ``machine`` record,
 one ``setting`` record per dataset / power control / path loss) and
 ``channel_robustness.png`` (final relative loss against SNR, one panel per
@@ -85,19 +91,47 @@ def analyse(runs: dict, window: int, fraction: float) -> dict:
     rel = lambda loss: convergence.smooth(loss / start, window)  # noqa: E731  relative to L(0)
     target = 1.0 - fraction * (1.0 - np.nanmean(rel(ref), axis=0)[-1])
     out = {"target_relative_loss": target.tolist(), "reference_snr_db": best, "methods": {}}
+    all_tasks, final = {}, {}
     for method, per_snr in runs.items():
-        rows = {}
         for snr, r in per_snr.items():
             curves = rel(r["loss"])
             per_task = convergence.rounds_to_target(np.nan_to_num(curves, nan=np.inf), target)
-            all_tasks = np.where(np.isfinite(per_task).all(axis=1), np.max(per_task, axis=1), np.nan)
+            all_tasks[method, snr] = convergence.all_tasks_rounds(per_task)  # [S, 1], NaN: censored or diverged
+            final[method, snr] = np.mean(curves[:, -1, :], axis=1)  # [S]
+    for method, per_snr in runs.items():
+        rows = {}
+        for snr, r in per_snr.items():
+            budget = r["loss"].shape[1]
             rows[str(snr)] = {
-                "rounds_all_tasks": convergence._stats(all_tasks[:, None]),
-                "final_relative_loss": convergence._stats(np.mean(curves[:, -1, :], axis=1)[:, None]),
+                "rounds_all_tasks": convergence._stats(all_tasks[method, snr]),
+                "rounds_all_tasks_censored": convergence.censored_stats(all_tasks[method, snr], budget),
+                "final_relative_loss": convergence._stats(final[method, snr][:, None]),
                 "final_test_metric": convergence._stats(r["metric"]),
             }
+            if method != "equal":
+                # Paired per seed against equal weights at the same SNR (same data, init and channel draws).
+                rows[str(snr)]["vs_equal"] = {
+                    "ratio_all_tasks": convergence.paired_ratio(
+                        all_tasks["equal", snr], all_tasks[method, snr], budget
+                    ),
+                    "relative_loss_drop": paired_difference(final["equal", snr], final[method, snr]),
+                }
         out["methods"][method] = rows
     return out
+
+
+def paired_difference(a: np.ndarray, b: np.ndarray) -> dict:
+    """Seed-paired ``a - b`` (``[S]``, NaN seeds dropped): mean, paired-t 95% interval, seeds with ``b < a``."""
+    from scipy import stats  # a dependency of jax
+
+    d = (a - b)[np.isfinite(a - b)]
+    n = d.size
+    mean = float(d.mean()) if n else None
+    ci = None
+    if n > 1:
+        half = float(stats.t.ppf(0.975, n - 1) * d.std(ddof=1) / math.sqrt(n))
+        ci = [mean - half, mean + half]
+    return {"mean": mean, "ci95": ci, "seeds": int(n), "b_lower": int((d > 0).sum())}
 
 
 def table(settings: list[dict]) -> str:
@@ -109,19 +143,25 @@ def table(settings: list[dict]) -> str:
             f"{len(s['seeds'])} seeds, target = {s['fraction']:.0%} of equal weights' loss reduction at "
             f"{a['reference_snr_db']} dB"
         )
-        head = f"{'SNR dB':>7}{'method':>9}{'rounds (all tasks)':>22}{'final rel. loss':>18}  test metric per task"
+        head = (
+            f"{'SNR dB':>7}{'method':>9}{'all tasks: k/S median':>23}{'x equal [95% CI]':>24}"
+            f"{'final rel. loss':>18}{'drop vs equal':>16}  test metric per task"
+        )
         lines += [head, "-" * (len(head) + 20)]
         for snr in s["snr_dbs"]:
             for method in METHODS:
                 r = a["methods"][method][str(snr)]
                 n = len(s["seeds"])
-                reached = r["rounds_all_tasks"]["reached"][0]
                 metrics = " ".join(
                     convergence.plus_minus(r["final_test_metric"], i, ".3f") for i in range(len(s["task_names"]))
                 )
+                vs = r.get("vs_equal")
+                ratio = convergence.ratio_cell(vs["ratio_all_tasks"], 0) if vs else "-"
+                drop = vs["relative_loss_drop"]["mean"] if vs else None
                 lines.append(
-                    f"{snr:>7g}{method:>9}{convergence.plus_minus(r['rounds_all_tasks'], 0) + f' ({reached}/{n})':>22}"
-                    f"{convergence.plus_minus(r['final_relative_loss'], 0, '.3f'):>18}  {metrics}"
+                    f"{snr:>7g}{method:>9}{convergence.censored_cell(r['rounds_all_tasks_censored'], 0, n):>23}"
+                    f"{ratio:>24}{convergence.plus_minus(r['final_relative_loss'], 0, '.3f'):>18}"
+                    f"{'-' if drop is None else f'{drop:+.3f}':>16}  {metrics}"
                 )
     return "\n".join(lines)
 

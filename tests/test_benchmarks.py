@@ -163,10 +163,26 @@ def test_channel_robustness_toy(tmp_path):
             loss = r["final_relative_loss"]["mean"][0]
             assert loss is not None and 0 < loss < 2  # a loss relative to round 0
             assert len(r["final_test_metric"]["mean"]) == 3
+            assert r["rounds_all_tasks_censored"]["budget"] == setting["rounds"]
+    for method in ("unaware", "aware"):
+        for r in methods[method].values():  # paired against equal weights, every seed kept
+            assert len(r["vs_equal"]["ratio_all_tasks"]["per_seed"]) == 2
+            assert r["vs_equal"]["relative_loss_drop"]["seeds"] == 2
+    assert all("vs_equal" not in r for r in methods["equal"].values())
     # The target comes from equal weights at SNR = inf (relative to round 0, so finite and positive).
     assert setting["analysis"]["reference_snr_db"] == math.inf
     assert all(math.isfinite(t) and t > 0 for t in setting["analysis"]["target_relative_loss"])
     assert os.path.getsize(os.path.join(tmp_path, "channel_robustness.png")) > 1000
+
+
+def test_paired_difference_hand_computed():
+    from benchmarks import channel_robustness
+
+    d = channel_robustness.paired_difference(np.array([1.0, 2.0, 4.0, np.nan]), np.array([0.5, 2.5, 1.0, 1.0]))
+    # differences 0.5, -0.5, 3.0 (the NaN seed dropped): mean 1.0, sd sqrt(3.25), t(0.975, 2) = 4.302653
+    half = 4.302653 * math.sqrt(3.25) / math.sqrt(3)
+    assert d["mean"] == pytest.approx(1.0) and d["seeds"] == 3 and d["b_lower"] == 2
+    np.testing.assert_allclose(d["ci95"], [1.0 - half, 1.0 + half], rtol=1e-6)
 
 
 @pytest.mark.slow
