@@ -1,4 +1,4 @@
-"""Clients sharded over 8 fake CPU devices give the results of one device.
+"""Clients sharded over 8 fake CPU devices give the results of one device (full and partial participation).
 
 XLA_FLAGS must be set before JAX starts and the rest of the suite uses one
 device, so the 8-device side runs in a subprocess (:func:`worker`, started
@@ -44,12 +44,28 @@ def populations():
     return setup, {8: ds, 3: three, 16: imbalanced}
 
 
+# Partial participation on the mesh: 16 clients, 2 slots per device, a cohort of 8 (one per device's block),
+# a quarter of the sampled clients failing to report.
+COHORT = dict(num_clients=16, clients_per_round=8, dropout_prob=0.25)
+
+
 def run(sim, env, hparams, state):
     rows = []
     while int(state.server.round) < ROUNDS:
         state, m = sim.run_chunk(state, env, hparams, ROUNDS)
         rows += simulate.metrics_rows(m)
     return state, rows, {k: np.asarray(v).tolist() for k, v in sim.evaluate(state, env, hparams).items()}
+
+
+def run_cohorts(sim, env, hparams, state):
+    """``ROUNDS`` rounds of partial participation: state, metrics rows, cohort ids and used masks ``[R, K]``."""
+    rows, ids, used = [], [], []
+    while int(state.server.round) < ROUNDS:
+        state, m = sim.run_chunk(state, env, hparams, ROUNDS)
+        rows += simulate.metrics_rows(m)
+        ids.append(np.asarray(m["cohort_ids"]))
+        used.append(np.asarray(m["cohort_used"]))
+    return state, rows, np.concatenate(ids), np.concatenate(used)
 
 
 def specs(tree) -> list[str]:
@@ -98,6 +114,22 @@ def worker(out_dir: str) -> None:
             "head": jax.tree.map(lambda a, i=in_order: np.asarray(a)[i], state.clients.head),
         }
         np.savez(os.path.join(out_dir, f"{c}.npz"), *jax.device_get(jax.tree.leaves(final)))
+    # Partial participation: each device samples from and updates its own block.
+    cohort_setup = make_setup(**{**SETTINGS, **COHORT})
+    sim = dataclasses.replace(cohort_setup.sim, mesh=sharding.make_mesh())
+    env = sim.make_env(cohort_setup.dataset)
+    state = sim.init(jax.random.key(cohort_setup.config.seed), env, cohort_setup.hparams)
+    state, rows, ids, used = run_cohorts(sim, env, cohort_setup.hparams, state)
+    ev = sim.evaluate(state, env, cohort_setup.hparams)
+    result["cohort"] = {
+        "rows": rows,
+        "cohort_ids": ids.tolist(),
+        "cohort_used": used.tolist(),
+        "client_id": np.asarray(env.info.client_id).tolist(),
+        "eval": {k: np.asarray(v).tolist() for k, v in ev.items()},
+    }
+    final = {"trunk": state.server.trunk, "head": state.clients.head}
+    np.savez(os.path.join(out_dir, "cohort.npz"), *jax.device_get(jax.tree.leaves(final)))
     # A sweep of 2 configurations over 2 devices x clients over 4: the layout
     # its programs give the state and metrics (abstractly: nothing compiles).
     sweep_sim = dataclasses.replace(setup.sim, mesh=sharding.make_mesh(0, sweep_devices=2))
@@ -230,3 +262,48 @@ def test_mesh_and_padding_rules():
         training.ExperimentConfig(num_devices=jax.device_count() + 1).validate()
     with pytest.raises(ValueError, match="vmap"):
         dataclasses.replace(make_setup().sim, client_execution="loop", mesh=mesh)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ReplayedCohorts(simulate.Simulation):
+    """One device, every round's cohort given (slots = client ids: 16 balanced clients keep their slots)."""
+
+    cohorts: tuple = ()  # ((ids per round), (used per round)), as nested tuples (hashable)
+
+    def _sample(self, key, round_index, info):
+        ids, used = (jnp.asarray(a) for a in self.cohorts)
+        return ids[round_index].astype(jnp.int32), used[round_index].astype(jnp.float32)
+
+
+def test_cohorts_on_eight_devices_match_one_device_with_the_same_cohorts(sharded):
+    """Sharded sampling draws within each device's block; gather, update and scatter equal one device's."""
+    result, out = sharded()
+    got = result["cohort"]
+    assert got["client_id"] == list(range(16))  # balanced: slot s holds client s, 2 per device
+    ids, used = np.array(got["cohort_ids"]), np.array(got["cohort_used"])
+    assert ids.shape == used.shape == (ROUNDS, 8)
+    # Device d's cohort member is one of its own two clients, and the cohorts change between rounds.
+    np.testing.assert_array_equal(ids // 2, np.broadcast_to(np.arange(8), ids.shape))
+    assert len({tuple(r) for r in ids}) > 1
+    assert 0 < used.sum() < used.size  # some sampled clients dropped out
+    for row, u, i in zip(got["rows"], used, ids):
+        tasks = np.asarray(make_setup(**{**SETTINGS, **COHORT}).dataset.client_task)[i[u]]
+        assert row["participants"] == np.bincount(tasks, minlength=len(row["participants"])).tolist()
+    # The same cohorts replayed on one device give the same round, metrics and final state.
+    setup = make_setup(**{**SETTINGS, **COHORT})
+    fields = {f.name: getattr(setup.sim, f.name) for f in dataclasses.fields(setup.sim) if f.init}
+    sim = _ReplayedCohorts(**fields, cohorts=(tuple(map(tuple, ids.tolist())), tuple(map(tuple, used.tolist()))))
+    state = sim.init(jax.random.key(setup.config.seed), setup.env, setup.hparams)
+    state, rows, replayed, _ = run_cohorts(sim, setup.env, setup.hparams, state)
+    np.testing.assert_array_equal(replayed, ids)
+    for a, b in zip(got["rows"], rows):
+        assert a["participants"] == b["participants"]
+        for key in ("task_loss", "grad_norm", "task_weight"):
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-5, err_msg=key)
+    ev = sim.evaluate(state, setup.env, setup.hparams)
+    for key in ("test_loss", "test_metric"):
+        np.testing.assert_allclose(got["eval"][key], np.asarray(ev[key]), rtol=1e-5, atol=1e-5, err_msg=key)
+    with np.load(out / "cohort.npz") as f:
+        leaves = [f[f"arr_{i}"] for i in range(len(f.files))]
+    final = {"trunk": state.server.trunk, "head": state.clients.head}
+    testing.assert_trees_allclose(leaves, jax.tree.leaves(final), rtol=1e-4, atol=1e-5)
