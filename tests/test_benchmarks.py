@@ -316,3 +316,20 @@ def test_convergence_on_real_format_radcom(tmp_path):
     assert len(a["constant_baseline"]) == 3 and all(0 < b <= 1 for b in a["constant_baseline"])
     assert len(a["paired_ratio_all_tasks"]["per_seed"]) == 2
     assert data_fixtures.tree_digest(str(raw)) == before
+
+
+def test_compile_cache_toy(tmp_path):
+    """Two runs on one empty cache: the first compiles every program, the second reads each one back."""
+    from benchmarks import compile_cache
+
+    machine, first, second, targets = compile_cache.main(["--toy", f"--workdir={tmp_path}"])
+    assert [r["record"] for r in common.read_jsonl(os.path.join(tmp_path, "compile_cache.jsonl"))] == [
+        "machine", "config", "run", "run", "targets",
+    ]  # fmt: skip
+    assert first["programs"] > 0 and first["cache_hits"] == 0
+    assert second["programs"] == first["programs"] and second["cache_hits"] == second["programs"]
+    for run in (first, second):
+        assert run["compile_s"] == pytest.approx(run["trace_s"] + run["lower_s"] + run["backend_s"])
+        assert 0 < run["compile_s"] < run["wall_s"]
+    assert targets["second_run_compile_s"] == second["compile_s"]
+    assert os.listdir(os.path.join(tmp_path, "jax_cache"))
