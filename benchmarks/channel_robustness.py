@@ -43,7 +43,6 @@ import argparse
 import dataclasses
 import math
 import os
-import sys
 from typing import Sequence
 
 import numpy as np
@@ -277,13 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--mtfl_rounds", type=int, default=30)
     p.add_argument("--radcom_rounds", type=int, default=80)
-    p.add_argument("--log_every", type=int, default=10, help="rounds per compiled chunk")
-    p.add_argument("--smooth", type=int, default=5)
-    p.add_argument("--fraction", type=float, default=0.9)
-    p.add_argument("--examples_per_client", type=int, default=0, help="0: experiments/train.py's default")
-    p.add_argument("--test_examples_per_client", type=int, default=0)
-    p.add_argument("--batch_size", type=int, default=0)
-    p.add_argument("--conv_impl", default="", help="'' keeps experiments/train.py's default")
+    convergence.add_measure_flags(p, reference="equal weights at the best SNR")
     p.add_argument("--toy", action="store_true", help="CI smoke size: RadCom, tci, no path loss, 2 seeds, 4 rounds")
     p.add_argument(
         "--cost",
@@ -305,7 +298,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     snrs = [float(v) for v in args.snr_dbs.split(",")]
     seeds = list(range(args.seeds))
     os.makedirs(args.workdir, exist_ok=True)
-    machine = {"record": "machine", **common.machine_info(), "argv": list(argv) if argv is not None else sys.argv[1:]}
+    machine = common.machine_record(argv)
     if args.cost:
         if any(d in convergence.REAL_DATA for d in datasets):
             raise SystemExit("--cost: times the synthetic datasets only (the real ones add only load time)")

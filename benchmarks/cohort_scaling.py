@@ -34,7 +34,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 from typing import Sequence
 
 from benchmarks import common, throughput
@@ -224,9 +223,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     os.makedirs(args.workdir, exist_ok=True)
     out_path = os.path.join(args.workdir, "cohort_scaling.jsonl")
     open(out_path, "w").close()
-    machine = {"record": "machine", **common.machine_info(), "argv": list(argv) if argv is not None else sys.argv[1:]}
+    machine = common.machine_record(argv)
     machine["population"] = args.population
-    print(f"{machine['cpu']}, {machine['cores']} cores, load {machine['load_1min']}, jax {machine['jax_version']}")
+    print(common.machine_line(machine))
     rows: list[dict] = [machine]
     for curve, spec, skipped in specs(args):
         if spec is None:

@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import resource
+import sys
 import time
 from typing import Iterable
 
@@ -105,6 +106,25 @@ def machine_info() -> dict:
     except ImportError:
         info["torch_version"] = None
     return info
+
+
+def machine_record(argv) -> dict:
+    """The ``machine`` record of a results file: :func:`machine_info` and the command's arguments."""
+    return {"record": "machine", **machine_info(), "argv": list(argv) if argv is not None else sys.argv[1:]}
+
+
+def machine_line(machine: dict) -> str:
+    """One line for the terminal: CPU, cores, load, jax version."""
+    return f"{machine['cpu']}, {machine['cores']} cores, load {machine['load_1min']}, jax {machine['jax_version']}"
+
+
+def start_results(path: str, argv) -> dict:
+    """Starts the results file ``path`` afresh with its ``machine`` record, prints the machine; returns the record."""
+    machine = machine_record(argv)
+    open(path, "w").close()
+    append_jsonl(path, [machine])
+    print(machine_line(machine))
+    return machine
 
 
 def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:

@@ -122,8 +122,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     cache_dir = os.path.join(args.workdir, "jax_cache")
     for stale in ("run1", "run2", "jax_cache"):  # every measurement starts from an empty cache and new runs
         shutil.rmtree(os.path.join(args.workdir, stale), ignore_errors=True)
-    machine = {"record": "machine", **common.machine_info(), "argv": list(argv) if argv is not None else sys.argv[1:]}
-    print(f"{machine['cpu']}, {machine['cores']} cores, load {machine['load_1min']}, jax {machine['jax_version']}")
+    machine = common.machine_record(argv)
+    print(common.machine_line(machine))
     from fgn_jax import training
 
     described = dataclasses.asdict(training.ExperimentConfig(**config))

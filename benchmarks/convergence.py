@@ -61,7 +61,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import time
 from typing import Sequence
 
@@ -466,6 +465,26 @@ def datasets_of(args: argparse.Namespace, default: Sequence[str]) -> list[str]:
     return datasets
 
 
+def add_measure_flags(p: argparse.ArgumentParser, reference: str = "FedRep") -> None:
+    """The chunk length, the loss measure and the sizes :func:`base_config` reads, as every benchmark takes them."""
+    p.add_argument("--log_every", type=int, default=10, help="rounds per compiled chunk")
+    p.add_argument("--smooth", type=int, default=5, help="trailing-mean window of the loss curves (rounds)")
+    p.add_argument("--fraction", type=float, default=0.9, help=f"target: this fraction of {reference}'s loss reduction")
+    p.add_argument("--conv_impl", default="", help="'' keeps experiments/train.py's default")
+    p.add_argument("--examples_per_client", type=int, default=0, help="0: experiments/train.py's default")
+    p.add_argument("--test_examples_per_client", type=int, default=0, help="0: experiments/train.py's default")
+    p.add_argument("--batch_size", type=int, default=0, help="0: experiments/train.py's default")
+
+
+def balances_of(args: argparse.Namespace) -> list[str]:
+    """The balances ``--balances`` names, checked."""
+    balances = [b for b in args.balances.split(",") if b]
+    for b in balances:
+        if b not in BALANCES:
+            raise SystemExit(f"--balances: unknown {b!r}; choose from {','.join(BALANCES)}")
+    return balances
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", default="/tmp/fgn_bench/convergence")
@@ -475,15 +494,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--mtfl_rounds", type=int, default=300)
     p.add_argument("--radcom_rounds", type=int, default=300)
-    p.add_argument("--log_every", type=int, default=10, help="rounds per compiled chunk")
-    p.add_argument("--smooth", type=int, default=5, help="trailing-mean window of the loss curves (rounds)")
-    p.add_argument("--fraction", type=float, default=0.9, help="target: this fraction of FedRep's loss reduction")
+    add_measure_flags(p)
     p.add_argument("--runner", default="sweep", choices=("sweep", "sequential"))
     p.add_argument("--references", default=",".join(REFERENCES), help="reference algorithms to run ('' for none)")
-    p.add_argument("--conv_impl", default="", help="'' keeps experiments/train.py's default")
-    p.add_argument("--examples_per_client", type=int, default=0, help="0: experiments/train.py's default")
-    p.add_argument("--test_examples_per_client", type=int, default=0, help="0: experiments/train.py's default")
-    p.add_argument("--batch_size", type=int, default=0, help="0: experiments/train.py's default")
     p.add_argument("--toy", action="store_true", help="CI smoke size: RadCom, 2 seeds, 4 rounds, tiny data")
     return p
 
@@ -495,20 +508,14 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         args.seeds, args.radcom_rounds, args.mtfl_rounds, args.log_every, args.smooth = 2, 4, 4, 2, 2
         args.examples_per_client, args.test_examples_per_client, args.batch_size = 48, 16, 8
     datasets = datasets_of(args, DATASETS)
-    balances = [b for b in args.balances.split(",") if b]
-    for b in balances:
-        if b not in BALANCES:
-            raise SystemExit(f"--balances: unknown {b!r}; choose from {','.join(BALANCES)}")
+    balances = balances_of(args)
     references = [r for r in args.references.split(",") if r]
     for r in references:
         if r not in REFERENCES:
             raise SystemExit(f"--references: unknown {r!r}; choose from {','.join(REFERENCES)}")
     os.makedirs(args.workdir, exist_ok=True)
     out_path = os.path.join(args.workdir, "convergence.jsonl")
-    machine = {"record": "machine", **common.machine_info(), "argv": list(argv) if argv is not None else sys.argv[1:]}
-    open(out_path, "w").close()
-    common.append_jsonl(out_path, [machine])
-    print(f"{machine['cpu']}, {machine['cores']} cores, load {machine['load_1min']}, jax {machine['jax_version']}")
+    common.start_results(out_path, argv)
     seeds = list(range(args.seeds))
     settings = []
     for dataset in datasets:

@@ -37,7 +37,6 @@ import argparse
 import dataclasses
 import math
 import os
-import sys
 import time
 from typing import Sequence
 
@@ -189,13 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight_lrs", default="0.01,0.05,0.2")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--rounds", type=int, default=300)
-    p.add_argument("--log_every", type=int, default=10, help="rounds per compiled chunk")
-    p.add_argument("--smooth", type=int, default=5, help="trailing-mean window of the loss curves (rounds)")
-    p.add_argument("--fraction", type=float, default=0.9, help="target: this fraction of FedRep's loss reduction")
-    p.add_argument("--conv_impl", default="", help="'' keeps experiments/train.py's default")
-    p.add_argument("--examples_per_client", type=int, default=0, help="0: experiments/train.py's default")
-    p.add_argument("--test_examples_per_client", type=int, default=0, help="0: experiments/train.py's default")
-    p.add_argument("--batch_size", type=int, default=0, help="0: experiments/train.py's default")
+    convergence.add_measure_flags(p)
     p.add_argument("--toy", action="store_true", help="CI smoke size: RadCom, 2 x 2 grid, 2 seeds, 4 rounds")
     return p
 
@@ -209,18 +202,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         args.examples_per_client, args.test_examples_per_client, args.batch_size = 48, 16, 8
     alphas, weight_lrs = _floats("alphas", args.alphas), _floats("weight_lrs", args.weight_lrs)
     datasets = convergence.datasets_of(args, DATASETS)
-    balances = [b for b in args.balances.split(",") if b]
-    for b in balances:
-        if b not in convergence.BALANCES:
-            raise SystemExit(f"--balances: unknown {b!r}; choose from {','.join(convergence.BALANCES)}")
+    balances = convergence.balances_of(args)
     if args.seeds < 2:
         raise SystemExit(f"--seeds: a paired 95% interval needs at least 2 seeds, got {args.seeds}")
     os.makedirs(args.workdir, exist_ok=True)
     out_path = os.path.join(args.workdir, "sensitivity.jsonl")
-    machine = {"record": "machine", **common.machine_info(), "argv": list(argv) if argv is not None else sys.argv[1:]}
-    open(out_path, "w").close()
-    common.append_jsonl(out_path, [machine])
-    print(f"{machine['cpu']}, {machine['cores']} cores, load {machine['load_1min']}, jax {machine['jax_version']}")
+    common.start_results(out_path, argv)
     seeds = list(range(args.seeds))
     settings = []
     for dataset in datasets:

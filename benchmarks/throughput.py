@@ -477,8 +477,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     os.makedirs(args.workdir, exist_ok=True)
     out_path = os.path.join(args.workdir, "throughput.jsonl")
     open(out_path, "w").close()
-    machine = {"record": "machine", **common.machine_info(), "argv": list(argv) if argv is not None else sys.argv[1:]}
-    print(f"{machine['cpu']}, {machine['cores']} cores, load {machine['load_1min']}, jax {machine['jax_version']}")
+    machine = common.machine_record(argv)
+    print(common.machine_line(machine))
     rows: list[dict] = [machine]
     peak = None
     if not args.skip_peak:

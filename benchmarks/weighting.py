@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import sys
 from typing import Sequence
 
 import numpy as np
@@ -132,16 +131,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     for m in methods:
         if m not in weightings.WEIGHTINGS:
             raise SystemExit(f"--methods: unknown weighting {m!r}; choose from {','.join(weightings.WEIGHTINGS)}")
-    balances = [b for b in args.balances.split(",") if b]
-    for b in balances:
-        if b not in convergence.BALANCES:
-            raise SystemExit(f"--balances: unknown {b!r}; choose from {','.join(convergence.BALANCES)}")
+    balances = convergence.balances_of(args)
     os.makedirs(args.workdir, exist_ok=True)
     out_path = os.path.join(args.workdir, "weighting.jsonl")
-    machine = {"record": "machine", **common.machine_info(), "argv": list(argv) if argv is not None else sys.argv[1:]}
-    open(out_path, "w").close()
-    common.append_jsonl(out_path, [machine])
-    print(f"{machine['cpu']}, {machine['cores']} cores, load {machine['load_1min']}, jax {machine['jax_version']}")
+    common.start_results(out_path, argv)
     seeds = list(range(args.seeds))
     settings = []
     for dataset in datasets:
